@@ -1,0 +1,152 @@
+"""Differential privacy: per-sample clipping + Gaussian noise for all replicas at once, and accounting.
+
+clip_and_noise is DP-SGD's aggregation step (Opacus convention) batched over the replica dimension:
+    out[r] = (sum_n min(1, C_r / (||g_rn|| + 1e-6)) * g_rn + sigma_r * C_r * z_r) / B_r
+Accounting is delegated to Opacus accountants (RDP or PRV), never re-implemented here.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fedsim.rng import derive_seed, torch_generator
+
+ACCOUNTANTS = ("rdp", "prv")
+# get_noise_multiplier searches sigma up to 1e6; anything past this is noise that swamps any gradient,
+# so we report the target as unreachable rather than silently training on pure noise.
+MAX_USEFUL_SIGMA = 1e3
+
+
+def _per_replica(x, R: int, device) -> torch.Tensor:
+    """A python float or a [R] tensor -> float32 [R] tensor on device."""
+    t = torch.as_tensor(x, dtype=torch.float32, device=device)
+    return t.expand(R).contiguous() if t.dim() == 0 else t.reshape(R)
+
+
+def clip_and_noise(grads: torch.Tensor, max_grad_norm, noise_multiplier, expected_batch_size, noise_keys,
+                   sq_norms: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """Clip per-sample grads [R, b, D], sum per replica, add Gaussian noise, divide by expected batch -> [R, D].
+
+    max_grad_norm / noise_multiplier / expected_batch_size: float or float tensor [R].
+    noise_keys: R tuples; replica r's noise is torch.randn(D, generator=torch_generator(*noise_keys[r]))
+    on the torch path, and Philox seeded with derive_seed(*noise_keys[r]) in the Triton kernel (the two
+    paths agree in distribution, not bitwise). sq_norms: optional precomputed per-sample squared norms [R, b].
+    Zero rows (masked / padded samples) contribute exactly zero.
+    """
+    R, b, D = grads.shape
+    assert len(noise_keys) == R, f"need one noise key per replica ({R}), got {len(noise_keys)}"
+    if backend == "auto":
+        backend = "triton" if grads.is_cuda else "torch"
+    C = _per_replica(max_grad_norm, R, grads.device)
+    sigma = _per_replica(noise_multiplier, R, grads.device)
+    B = _per_replica(expected_batch_size, R, grads.device)
+    if backend == "triton":
+        from fedsim.triton_clip import fused_clip_and_noise  # lazy: CPU-only code never imports triton
+        seeds = torch.tensor([derive_seed(*k) for k in noise_keys], dtype=torch.int64, device=grads.device)
+        return fused_clip_and_noise(grads, C, sigma, B, seeds, sq_norms)
+    if backend != "torch":
+        raise ValueError(f"unknown backend {backend!r}; use 'auto', 'torch' or 'triton'")
+
+    norms = grads.norm(dim=-1) if sq_norms is None else sq_norms.sqrt()
+    factor = (C[:, None] / (norms + 1e-6)).clamp(max=1.0)
+    out = torch.bmm(factor.unsqueeze(1), grads).squeeze(1)  # [R, D]
+    sig_cpu, C_cpu = sigma.cpu(), C.cpu()
+    for r in range(R):
+        if sig_cpu[r] > 0:
+            # Drawn on CPU so the stream is the same on every device (the sequential reference relies on it).
+            z = torch.randn(D, generator=torch_generator(*noise_keys[r]))
+            out[r] += (z * sig_cpu[r] * C_cpu[r]).to(grads.device)
+    return out / B[:, None]
+
+
+# ---------------------------------------------------------------------------------------------- accounting
+
+def validate_dp(epsilon, delta, max_grad_norm, accountant) -> None:
+    """Raise ValueError naming the fix for an unusable DP setting (epsilon None = non-private: no checks)."""
+    if epsilon is None:
+        return
+    if not epsilon > 0:
+        raise ValueError(f"dp.epsilon must be > 0 (got {epsilon}); use epsilon: null for non-private training")
+    if not 0 < delta < 1:
+        raise ValueError(f"dp.delta must be in (0, 1) (got {delta}); a common choice is 1/(number of samples)")
+    if not max_grad_norm > 0:
+        raise ValueError(f"dp.max_grad_norm must be > 0 (got {max_grad_norm}); try 1.0")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown dp.accountant {accountant!r}; use one of {ACCOUNTANTS}")
+
+
+def _check_schedule(sample_rate, steps):
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample rate q must be in (0, 1] (got {sample_rate}); q = expected batch / client size")
+    if steps < 0 or int(steps) != steps:
+        raise ValueError(f"number of steps must be a non-negative integer (got {steps})")
+
+
+def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps: int,
+                         accountant: str = "rdp") -> float:
+    """Smallest sigma (Opacus' binary search) such that `steps` Poisson-subsampled steps at rate q are (eps, delta)-DP."""
+    from opacus.accountants.utils import get_noise_multiplier
+    validate_dp(epsilon, delta, 1.0, accountant)
+    _check_schedule(sample_rate, steps)
+    if steps == 0:
+        return 0.0
+    fix = (f"target epsilon={epsilon} is unreachable with q={sample_rate}, {steps} steps, delta={delta}: "
+           "raise epsilon, lower q (smaller expected batch), or lower the number of steps (rounds x local steps)")
+    # Opacus' search doubles sigma up to 1e6 and RDP gets slow for huge sigma (~1 min at q=0.5):
+    # one evaluation at the largest useful sigma tells an unreachable target up front.
+    if epsilon_spent(MAX_USEFUL_SIGMA, sample_rate, steps, delta, accountant) > epsilon:
+        raise ValueError(f"{fix} (even noise multiplier {MAX_USEFUL_SIGMA:g} is not enough)")
+    try:
+        sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                     steps=int(steps), accountant=accountant)
+    except (ValueError, OverflowError, FloatingPointError) as e:
+        raise ValueError(f"{fix} ({e})") from e
+    if not math.isfinite(sigma) or sigma > MAX_USEFUL_SIGMA:
+        raise ValueError(f"{fix} (needs noise multiplier {sigma:.3g} > {MAX_USEFUL_SIGMA:g})")
+    return float(sigma)
+
+
+def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                  accountant: str = "rdp") -> float:
+    """Epsilon after `steps` Poisson-subsampled Gaussian steps (sigma, q), via an Opacus accountant."""
+    from opacus.accountants import create_accountant
+    _check_schedule(sample_rate, steps)
+    if steps == 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def max_poisson_batch(expected_batch: float, factor: float = 3.0) -> int:
+    """Static padded size for Poisson batches of mean mu = expected_batch.
+
+    The batch size is a sum of independent Bernoullis with mean mu (variance <= mu). Bernstein's inequality
+    gives P(X >= mu + t) <= exp(-t^2 / (2 (mu + t/3))); choosing t = k sqrt(mu) + k^2/3 (k = factor) makes
+    that <= exp(-k^2/2) for every mu. The k^2/3 margin matters for small mu, where the tail is skewed and
+    mu + k sqrt(mu) alone undershoots. (Bernstein is loose: for mu=16, k=3 the true overflow odds are ~1e-4.)
+    """
+    mu = float(expected_batch)
+    return max(1, math.ceil(mu + factor * math.sqrt(mu) + factor ** 2 / 3))
+
+
+@dataclass
+class DPConfig:
+    epsilon: Optional[float] = None  # None = non-private (no clipping, no noise)
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    max_batch_factor: float = 3.0  # Poisson padding: see max_poisson_batch
+
+    @property
+    def private(self) -> bool:
+        return self.epsilon is not None
+
+    def validate(self) -> "DPConfig":
+        validate_dp(self.epsilon, self.delta, self.max_grad_norm, self.accountant)
+        if not self.max_batch_factor > 0:
+            raise ValueError(f"dp.max_batch_factor must be > 0 (got {self.max_batch_factor}); try 3.0")
+        return self

@@ -1,0 +1,188 @@
+"""The round loop: every sampled client of every federation trains in one batched pass.
+
+Replicas are (federation, client) pairs, replica r = f * m + j for the j-th sampled client of federation
+f. Per round: broadcast each federation's global state to its replicas, run K local steps for all
+replicas at once (in chunks of replicas when memory is short), aggregate per federation, log bytes,
+evaluate every N rounds. All randomness comes from generators keyed by (seed, purpose, round, client).
+"""
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedsim.ledger import Ledger
+from fedsim.optim import make_optimizer
+from fedsim.sampling import clients_per_round, fixed_batches, poisson_batches, sample_clients
+from fedsim.stacked import GradBuffer
+
+
+@dataclass
+class Federation:
+    """One independent federation sharing the pass; variants keep tensor shapes."""
+    seed: int
+    lr: float
+    lora_alpha: float
+    noise_multiplier: float = 0.0
+    partitions: list = field(default_factory=list)     # index arrays, one per client
+
+
+@dataclass
+class DPSetup:
+    max_grad_norm: float
+    sample_rate: float              # Poisson q, the same for every client
+    max_batch: int                  # static padded batch
+
+
+def _index_rows(data, rows, device):
+    return {k: v[rows].to(device, non_blocking=True) for k, v in data.items() if k != "labels"}, \
+        data["labels"][rows].to(device)
+
+
+def _trim(inputs):
+    """Cut the sequence to the longest real sample in the batch (same math: padding is masked)."""
+    T = int(inputs["attention_mask"].sum(1).max())
+    return {k: v[:, :T] for k, v in inputs.items()}
+
+
+class FederatedEngine:
+    def __init__(self, stacked, method, train, federations, *, local_steps, batch_size, client_fraction,
+                 optimizer, dp=None, replica_chunk=None, device="cpu", eval_sets=None, eval_batch_size=128):
+        self.stacked, self.method, self.train = stacked, method, train
+        self.feds, self.K, self.b = federations, local_steps, batch_size
+        self.fraction, self.opt_cfg, self.dp, self.device = client_fraction, dict(optimizer), dp, device
+        self.eval_sets, self.eval_batch_size = eval_sets or {}, eval_batch_size
+        self.num_clients = len(federations[0].partitions)
+        self.m = clients_per_round(self.num_clients, client_fraction)
+        self.R = len(federations) * self.m
+        if stacked.num_replicas != self.R:
+            raise ValueError(f"stacked model has {stacked.num_replicas} replicas, engine needs {self.R}")
+        self.chunk = min(replica_chunk or self.R, self.R)
+        rep = lambda vals: torch.tensor(vals, dtype=torch.float32, device=device).repeat_interleave(self.m)  # noqa
+        self.lr = rep([f.lr for f in federations])
+        self.sigma = rep([f.noise_multiplier for f in federations])
+        for layer in stacked.lora.values():
+            layer.scale.copy_(rep([f.lora_alpha / stacked.rank for f in federations]))
+        self.tensors = stacked.tensors()
+        self.global_state = {k: v.to(device) for k, v in method.init_global(stacked, [f.seed for f in federations]).items()}
+        self.ledger = Ledger(len(federations))
+        self.round_idx = 0
+
+    # ------------------------------------------------------------------ one round
+    def sampled_clients(self, t):
+        return [sample_clients(self.num_clients, self.fraction, f.seed, i, t) for i, f in enumerate(self.feds)]
+
+    def _batches(self, t, sampled):
+        """Dataset rows [R, K, b] and sample mask [R, K, b] for every replica's local steps."""
+        rows, masks = [], []
+        for i, (fed, clients) in enumerate(zip(self.feds, sampled)):
+            for c in clients:
+                part = fed.partitions[c]
+                if self.dp is None:
+                    pos = fixed_batches(len(part), self.b, self.K, fed.seed, i, t, c)
+                    mask = np.ones_like(pos, dtype=bool)
+                else:
+                    pos, mask = poisson_batches(len(part), self.dp.sample_rate, self.dp.max_batch, self.K,
+                                                fed.seed, i, t, c)
+                rows.append(part[pos])
+                masks.append(mask)
+        return torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks))
+
+    def run_round(self):
+        t = self.round_idx
+        self.global_state = self.method.on_round_start(t, self.global_state, self.stacked)
+        sampled = self.sampled_clients(t)
+        trainable = [n for n in self.tensors if self.method.trainable(n, t)]
+        with torch.no_grad():                                    # broadcast global -> replicas
+            for name, g in self.global_state.items():
+                self.tensors[name].copy_(g.repeat_interleave(self.m, 0))
+        for name, p in self.tensors.items():
+            p.requires_grad_(name in trainable)
+        rows, masks = self._batches(t, sampled)
+        client_ids = [(i, int(c)) for i, cl in enumerate(sampled) for c in cl]
+        losses = torch.zeros(self.R)
+        opt = make_optimizer(self.opt_cfg["name"], self.lr, **self.opt_cfg)
+        for r0 in range(0, self.R, self.chunk):
+            rs = slice(r0, min(r0 + self.chunk, self.R))
+            for s in range(self.K):
+                losses[rs] += self._local_step(t, s, rs, rows[rs, s], masks[rs, s], client_ids[rs], trainable, opt)
+        self._aggregate(t, sampled, trainable)
+        up, down = self.method.payload_bytes(self.global_state, t)
+        self.ledger.record(t, self.m, up, down)
+        self.round_idx += 1
+        per_fed = (losses / self.K).view(len(self.feds), self.m)
+        return dict(round=t, loss=per_fed.mean(1).tolist(), up_bytes=up * self.m, down_bytes=down * self.m,
+                    cum_up_bytes=self.ledger.cumulative("up"), cum_down_bytes=self.ledger.cumulative("down"))
+
+    def _local_step(self, t, s, rs, rows, mask, client_ids, trainable, opt):
+        st = self.stacked.state
+        Rc, b = rows.shape
+        st.active, st.batch_size = rs, b
+        per_sample = self.dp is not None
+        specs = [(n, tuple(self.tensors[n].shape[1:])) for n in trainable]
+        st.buffer = GradBuffer(specs, Rc, b, per_sample, self.device)
+        inputs, labels = _index_rows(self.train, rows.reshape(-1), self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_is_cuda(self.device)):
+            logits = self.stacked(**_trim(inputs))
+        ce = F.cross_entropy(logits.float(), labels, reduction="none").view(Rc, b)
+        mask = mask.to(self.device)
+        if per_sample:   # sum of per-sample losses: the per-sample gradients are those of each sample's loss
+            loss = (ce * mask).sum()
+        else:
+            loss = ce.mean(1).sum()
+        loss.backward()
+        buf, st.buffer = st.buffer, None
+        if per_sample:
+            from fedsim.dp import clip_and_noise
+            expected = torch.tensor([self.dp.sample_rate * len(self.feds[i].partitions[c]) for i, c in client_ids],
+                                    device=self.device)
+            keys = [(self.feds[i].seed, "noise", i, t, c, s) for i, c in client_ids]
+            grads = buf.unflatten(clip_and_noise(buf.flat, self.dp.max_grad_norm, self.sigma[rs], expected, keys,
+                                                 sq_norms=buf.sq_norms))
+        else:
+            grads = buf.summed
+        fed_of = torch.tensor([i for i, _ in client_ids], device=self.device)
+        for name in trainable:
+            extra = self.method.extra_grad(name, self.tensors[name][rs], self.global_state[name][fed_of], t)
+            if extra is not None:
+                grads[name] = grads[name] + extra
+        opt.step(self.tensors, grads, rs)
+        with torch.no_grad():
+            per_replica = (ce.detach() * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return per_replica.cpu()
+
+    def _aggregate(self, t, sampled, trainable):
+        F_, m = len(self.feds), self.m
+        sizes = torch.tensor([[len(f.partitions[c]) for c in cl] for f, cl in zip(self.feds, sampled)],
+                             dtype=torch.float32, device=self.device)
+        weights = sizes / sizes.sum(1, keepdim=True)
+        clients = {n: self.tensors[n].detach().view(F_, m, *self.tensors[n].shape[1:]) for n in trainable}
+        self.global_state = self.method.aggregate(self.global_state, clients, weights, t)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self):
+        """Accuracy of each federation's global model on every eval split: {split: [F accuracies]}."""
+        F_ = len(self.feds)
+        for name, g in self.global_state.items():          # replicas 0..F-1 hold the global models
+            self.tensors[name][:F_].copy_(g)
+        st = self.stacked.state
+        st.active, st.buffer = slice(0, F_), None
+        out = {}
+        for split, data in self.eval_sets.items():
+            correct = torch.zeros(F_)
+            n = len(data["labels"])
+            for i in range(0, n, self.eval_batch_size):
+                idx = torch.arange(i, min(i + self.eval_batch_size, n))
+                rows = idx.repeat(F_)                             # every federation sees the same rows
+                inputs, labels = _index_rows(data, rows, self.device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_is_cuda(self.device)):
+                    logits = self.stacked(**_trim(inputs))
+                correct += (logits.argmax(-1) == labels).view(F_, -1).sum(1).float().cpu()
+            out[split] = (correct / n).tolist()
+        return out
+
+
+def _is_cuda(device):
+    return torch.device(device).type == "cuda"

@@ -1,0 +1,232 @@
+"""Stacked (replica-major) trainable layers injected into a frozen transformers model.
+
+R replicas (virtual clients) share one frozen backbone. Every trainable tensor has R first:
+LoRA A [R, r, in], B [R, out, r]; head weight [R, out, in], bias [R, out]. A step's batch is
+replica-major ([Rc*b, T] rows, each replica's b samples contiguous), so the adapter path is two
+batched matmuls over [Rc, b*T, in]. `active` selects the chunk of replicas [r0, r1) a pass runs.
+
+Gradients of the trainable tensors never go through autograd's parameter accumulation: each layer's
+backward computes them itself -- summed per replica, or per sample when DP needs them -- as one
+einsum-like batched matmul (Opacus grad-sampler style) and hands them to a GradBuffer.
+"""
+import re
+
+import torch
+from torch import nn
+
+
+class GradBuffer:
+    """Receives gradients during backward, keyed by canonical tensor name.
+
+    per_sample=False: `summed[name]` is [Rc, *shape]. per_sample=True: every trainable tensor's
+    per-sample gradient goes into its slice of one flat [Rc, b, D] buffer (canonical order), the layout
+    the fused clip-and-noise kernel reads, and `sq_norms` [Rc, b] accumulates the squared norms.
+    """
+
+    def __init__(self, specs, num_replicas, batch_size, per_sample, device):
+        self.per_sample, self.specs = per_sample, dict(specs)
+        self.summed = {}
+        if per_sample:
+            self.offsets, off = {}, 0
+            for name, shape in specs:
+                n = int(torch.Size(shape).numel())
+                self.offsets[name] = (off, off + n)
+                off += n
+            self.flat = torch.zeros(num_replicas, batch_size, off, device=device)
+            self.sq_norms = torch.zeros(num_replicas, batch_size, device=device)
+
+    def put(self, name, grad):
+        if not self.per_sample:
+            self.summed[name] = grad
+            return
+        lo, hi = self.offsets[name]
+        self.flat[:, :, lo:hi].copy_(grad.flatten(2))
+        self.sq_norms += grad.flatten(2).pow(2).sum(-1)
+
+    def unflatten(self, flat_sum):
+        """[Rc, D] (e.g. clipped + noised sums) -> {name: [Rc, *shape]}."""
+        return {name: flat_sum[:, lo:hi].unflatten(-1, self.specs[name])
+                for name, (lo, hi) in self.offsets.items()}
+
+
+class _StackedState:
+    """Shared by all stacked layers of one model: the active replica chunk, the grad buffer, batch size."""
+
+    def __init__(self):
+        self.active = slice(None)
+        self.buffer = None
+        self.batch_size = None
+
+
+class _LoRADelta(torch.autograd.Function):
+    """delta = scale * (x A^T) B^T per replica; backward hands dA, dB to the layer's buffer."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # adapters stay fp32 under autocast
+    def forward(ctx, x, A, B, scale, layer):
+        u = torch.bmm(x, A.transpose(1, 2))                       # [Rc, N, r]
+        ctx.save_for_backward(x, u, A, B, scale)
+        ctx.layer = layer
+        return torch.bmm(u, B.transpose(1, 2)) * scale[:, None, None]
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g):
+        x, u, A, B, scale = ctx.saved_tensors
+        layer = ctx.layer
+        gs = g * scale[:, None, None]                               # [Rc, N, out]
+        gB = torch.bmm(gs, B)                                       # [Rc, N, r] = scale * B^T g_t
+        state = layer.state
+        if state.buffer is not None:
+            if state.buffer.per_sample:
+                R, N, _ = x.shape
+                b = state.batch_size
+                split = lambda t: t.view(R, b, N // b, t.shape[-1])  # noqa: E731  [Rc, b, T, .]
+                if layer.B.requires_grad:   # dB_n = scale * sum_t g_t u_t^T
+                    state.buffer.put(layer.name + ".lora_B", split(gs).transpose(2, 3) @ split(u))
+                if layer.A.requires_grad:   # dA_n = scale * sum_t (B^T g_t) x_t^T
+                    state.buffer.put(layer.name + ".lora_A", split(gB).transpose(2, 3) @ split(x))
+            else:
+                if layer.B.requires_grad:
+                    state.buffer.put(layer.name + ".lora_B", gs.transpose(1, 2) @ u)
+                if layer.A.requires_grad:
+                    state.buffer.put(layer.name + ".lora_A", gB.transpose(1, 2) @ x)
+        grad_x = torch.bmm(gB, A) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None
+
+
+class StackedLoRALinear(nn.Module):
+    """A frozen nn.Linear shared by all replicas plus per-replica LoRA factors (peft's layout per replica)."""
+
+    def __init__(self, base: nn.Linear, name: str, num_replicas: int, rank: int, state: _StackedState):
+        super().__init__()
+        self.base, self.name, self.state, self.rank = base, name, state, rank
+        self.A = nn.Parameter(torch.zeros(num_replicas, rank, base.in_features), requires_grad=False)
+        self.B = nn.Parameter(torch.zeros(num_replicas, base.out_features, rank), requires_grad=False)
+        self.register_buffer("scale", torch.ones(num_replicas))
+
+    def forward(self, x):
+        h = self.base(x)
+        sl = self.state.active
+        A, B, scale = self.A[sl], self.B[sl], self.scale[sl]
+        R = A.shape[0]
+        xr = x.reshape(R, -1, x.shape[-1]).to(A.dtype)              # replica-major rows -> [Rc, b*T, in]
+        delta = _LoRADelta.apply(xr, A, B, scale, self)
+        return h + delta.reshape(h.shape).to(h.dtype)
+
+
+class _StackedAffine(torch.autograd.Function):
+    """y = x W_r^T + b_r per replica; backward hands dW, db (summed or per sample) to the buffer."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x, W, bias, layer):
+        ctx.save_for_backward(x, W)
+        ctx.layer = layer
+        return torch.baddbmm(bias[:, None, :], x, W.transpose(1, 2))
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g):
+        x, W = ctx.saved_tensors
+        layer = ctx.layer
+        state = layer.state
+        if state.buffer is not None and layer.weight.requires_grad:
+            if state.buffer.per_sample:
+                R, N, _ = x.shape
+                b = state.batch_size
+                gs, xs = g.view(R, b, N // b, -1), x.view(R, b, N // b, -1)
+                state.buffer.put(layer.name + ".weight", gs.transpose(2, 3) @ xs)
+                state.buffer.put(layer.name + ".bias", gs.sum(2))
+            else:
+                state.buffer.put(layer.name + ".weight", g.transpose(1, 2) @ x)
+                state.buffer.put(layer.name + ".bias", g.sum(1))
+        grad_x = torch.bmm(g, W) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
+
+
+class StackedLinear(nn.Module):
+    """A fully trainable per-replica nn.Linear (the classification head), initialised from `base`."""
+
+    def __init__(self, base: nn.Linear, name: str, num_replicas: int, state: _StackedState):
+        super().__init__()
+        self.name, self.state = name, state
+        self.weight = nn.Parameter(base.weight.detach().expand(num_replicas, -1, -1).clone(), requires_grad=False)
+        bias = base.bias if base.bias is not None else torch.zeros(base.out_features)
+        self.bias = nn.Parameter(bias.detach().expand(num_replicas, -1).clone(), requires_grad=False)
+
+    def forward(self, x):
+        sl = self.state.active
+        W, bias = self.weight[sl], self.bias[sl]
+        R = W.shape[0]
+        xr = x.reshape(R, -1, x.shape[-1]).to(W.dtype)
+        y = _StackedAffine.apply(xr, W, bias, self)
+        return y.reshape(*x.shape[:-1], W.shape[1])
+
+
+def _set_module(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def head_module_names(model, head="classifier"):
+    """The nn.Linear modules of the classification head (BERT: `classifier`; RoBERTa/MPNet: dense, out_proj)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (n == head or n.startswith(head + "."))]
+
+
+def target_module_names(model, targets, head="classifier"):
+    """Names of the nn.Linear modules LoRA adapts. targets: list of name suffixes / regexes, or "all-linear"
+    (every Linear except the head, as peft's "all-linear")."""
+    heads = set(head_module_names(model, head))
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in heads]
+    if targets in ("all-linear", ["all-linear"]):
+        return linears
+    if isinstance(targets, str):
+        targets = [targets]
+    chosen, unmatched = [], []
+    for t in targets:
+        hits = [n for n in linears if n == t or n.endswith("." + t) or re.fullmatch(t, n)]
+        (chosen.extend(hits) if hits else unmatched.append(t))
+    if unmatched:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ValueError(f"LoRA target module(s) {unmatched} match no nn.Linear of this model; "
+                         f"valid suffixes: {suffixes} or 'all-linear'")
+    return [n for n in linears if n in set(chosen)]           # model order = canonical order
+
+
+class StackedModel(nn.Module):
+    """A transformers classifier with stacked LoRA layers and a stacked head; base weights frozen, shared."""
+
+    def __init__(self, model, num_replicas, rank, targets=("query", "value"), head="classifier"):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1 (got {rank}); set lora.rank to a positive integer")
+        model.requires_grad_(False)
+        model.eval()                                                # no dropout: deterministic replicas
+        self.model, self.num_replicas, self.rank = model, num_replicas, rank
+        self.state = _StackedState()
+        self.lora = {}
+        for name in target_module_names(model, list(targets) if not isinstance(targets, str) else targets, head):
+            layer = StackedLoRALinear(model.get_submodule(name), name, num_replicas, rank, self.state)
+            _set_module(model, name, layer)
+            self.lora[name] = layer
+        self.heads = {}
+        for name in head_module_names(model, head):
+            layer = StackedLinear(model.get_submodule(name), name, num_replicas, self.state)
+            _set_module(model, name, layer)
+            self.heads[name] = layer
+        if not self.heads:
+            raise ValueError(f"no nn.Linear named '{head}' in the model: set the head module name")
+
+    def tensors(self):
+        """Canonical name -> stacked tensor, in canonical order (per module A then B; head last)."""
+        out = {}
+        for name, layer in self.lora.items():
+            out[name + ".lora_A"], out[name + ".lora_B"] = layer.A, layer.B
+        for name, layer in self.heads.items():
+            out[name + ".weight"], out[name + ".bias"] = layer.weight, layer.bias
+        return out
+
+    def forward(self, **batch):
+        return self.model(**batch).logits

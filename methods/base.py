@@ -1,0 +1,79 @@
+"""The method interface (Flower-strategy style): a method says only what differs.
+
+The engine calls these hooks and never branches on a method's name. Global state is a dict
+canonical-name -> tensor [F, *shape] (one row per federation); client states handed to `aggregate`
+are [F, m, *shape] (m sampled clients per federation) with weights [F, m] summing to 1 per row.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class LoRAParams:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple = ("query", "value")
+
+
+class Method:
+    name = "base"
+    Params = None            # a dataclass of the method's own config keys
+
+    def __init__(self, lora: LoRAParams, **params):
+        valid = [f.name for f in fields(self.Params)] if self.Params else []
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown} for method '{self.name}'; valid: {valid}")
+        self.lora = lora
+        self.params = self.Params(**params) if self.Params else None
+
+    # --- initialisation and trainable set ---------------------------------------------------------
+    def init_global(self, stacked, seeds):
+        """Initial global state {name: [F, *shape]} for federations with the given seeds."""
+        raise NotImplementedError
+
+    def trainable(self, name, round_idx):
+        """Is this tensor trained (and so clipped, noised, uploaded) by clients in this round?"""
+        raise NotImplementedError
+
+    # --- hooks with defaults ----------------------------------------------------------------------
+    def on_round_start(self, round_idx, global_state, stacked):
+        """Schedules (stage switches, rank budgets): may return a new global state."""
+        return global_state
+
+    def extra_grad(self, name, local, global_bcast, round_idx):
+        """Gradient of a data-independent local loss term (added after clipping/noise), or None."""
+        return None
+
+    def aggregate(self, global_state, client_states, weights, round_idx):
+        """FedAvg of every trained tensor, weighted by client sample counts."""
+        new = dict(global_state)
+        for name, stack in client_states.items():
+            new[name] = torch.einsum("fm,fm...->f...", weights, stack)
+        return new
+
+    def payload_bytes(self, global_state, round_idx):
+        """(upload, download) bytes per participating client this round: the exact tensors sent."""
+        up = sum(t[0].numel() * t.element_size() for n, t in global_state.items() if self.trainable(n, round_idx))
+        down = sum(t[0].numel() * t.element_size() for t in global_state.values())
+        return up, down
+
+
+def kaiming_uniform_A(shape, generator):
+    """peft's default LoRA A init (nn.init.kaiming_uniform_ with a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1.0 / math.sqrt(shape[-1])
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+def init_head(stacked, seeds, std):
+    """Fresh head per federation: weight ~ N(0, std) (transformers' BERT init), bias 0."""
+    from fedsim.rng import torch_generator
+    out = {}
+    for name, layer in stacked.heads.items():
+        shape = layer.weight.shape[1:]
+        out[name + ".weight"] = torch.stack(
+            [torch.randn(shape, generator=torch_generator(s, "head", name)) * std for s in seeds])
+        out[name + ".bias"] = torch.zeros(len(seeds), layer.bias.shape[1])
+    return out
