@@ -48,7 +48,7 @@ def clip_and_noise(grads: torch.Tensor, max_grad_norm, noise_multiplier, expecte
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}; use 'auto', 'torch' or 'triton'")
 
-    norms = grads.norm(dim=-1) if sq_norms is None else sq_norms.sqrt()
+    norms = grads.norm(dim=-1) if sq_norms is None else sq_norms.to(grads.dtype).sqrt()
     factor = (C[:, None] / (norms + 1e-6)).clamp(max=1.0)
     out = torch.bmm(factor.unsqueeze(1), grads).squeeze(1)  # [R, D]
     sig_cpu, C_cpu = sigma.cpu(), C.cpu()

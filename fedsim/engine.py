@@ -59,13 +59,15 @@ class FederatedEngine:
         if stacked.num_replicas != self.R:
             raise ValueError(f"stacked model has {stacked.num_replicas} replicas, engine needs {self.R}")
         self.chunk = min(replica_chunk or self.R, self.R)
-        rep = lambda vals: torch.tensor(vals, dtype=torch.float32, device=device).repeat_interleave(self.m)  # noqa
+        self.dtype = stacked.heads[next(iter(stacked.heads))].weight.dtype
+        rep = lambda vals: torch.tensor(vals, dtype=self.dtype, device=device).repeat_interleave(self.m)  # noqa
         self.lr = rep([f.lr for f in federations])
         self.sigma = rep([f.noise_multiplier for f in federations])
         for layer in stacked.lora.values():
             layer.scale.copy_(rep([f.lora_alpha / stacked.rank for f in federations]))
         self.tensors = stacked.tensors()
-        self.global_state = {k: v.to(device) for k, v in method.init_global(stacked, [f.seed for f in federations]).items()}
+        self.global_state = {k: v.to(device, self.dtype) for k, v in
+                             method.init_global(stacked, [f.seed for f in federations]).items()}
         self.ledger = Ledger(len(federations))
         self.round_idx = 0
 
@@ -102,7 +104,7 @@ class FederatedEngine:
         rows, masks = self._batches(t, sampled)
         client_ids = [(i, int(c)) for i, cl in enumerate(sampled) for c in cl]
         losses = torch.zeros(self.R)
-        opt = make_optimizer(self.opt_cfg["name"], self.lr, **self.opt_cfg)
+        opt = make_optimizer(self.opt_cfg, self.lr)
         for r0 in range(0, self.R, self.chunk):
             rs = slice(r0, min(r0 + self.chunk, self.R))
             for s in range(self.K):
@@ -121,11 +123,11 @@ class FederatedEngine:
         st.active, st.batch_size = rs, b
         per_sample = self.dp is not None
         specs = [(n, tuple(self.tensors[n].shape[1:])) for n in trainable]
-        st.buffer = GradBuffer(specs, Rc, b, per_sample, self.device)
+        st.buffer = GradBuffer(specs, Rc, b, per_sample, self.device, self.dtype)
         inputs, labels = _index_rows(self.train, rows.reshape(-1), self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_is_cuda(self.device)):
             logits = self.stacked(**_trim(inputs))
-        ce = F.cross_entropy(logits.float(), labels, reduction="none").view(Rc, b)
+        ce = F.cross_entropy(logits.to(self.dtype), labels, reduction="none").view(Rc, b)  # bf16 logits -> fp32
         mask = mask.to(self.device)
         if per_sample:   # sum of per-sample losses: the per-sample gradients are those of each sample's loss
             loss = (ce * mask).sum()
@@ -136,7 +138,7 @@ class FederatedEngine:
         if per_sample:
             from fedsim.dp import clip_and_noise
             expected = torch.tensor([self.dp.sample_rate * len(self.feds[i].partitions[c]) for i, c in client_ids],
-                                    device=self.device)
+                                    device=self.device, dtype=self.dtype)
             keys = [(self.feds[i].seed, "noise", i, t, c, s) for i, c in client_ids]
             grads = buf.unflatten(clip_and_noise(buf.flat, self.dp.max_grad_norm, self.sigma[rs], expected, keys,
                                                  sq_norms=buf.sq_norms))
@@ -155,10 +157,22 @@ class FederatedEngine:
     def _aggregate(self, t, sampled, trainable):
         F_, m = len(self.feds), self.m
         sizes = torch.tensor([[len(f.partitions[c]) for c in cl] for f, cl in zip(self.feds, sampled)],
-                             dtype=torch.float32, device=self.device)
+                             dtype=self.dtype, device=self.device)
         weights = sizes / sizes.sum(1, keepdim=True)
         clients = {n: self.tensors[n].detach().view(F_, m, *self.tensors[n].shape[1:]) for n in trainable}
         self.global_state = self.method.aggregate(self.global_state, clients, weights, t)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self):
+        """Everything a resumed run needs: randomness is keyed by round, optimizers reset every round."""
+        return {"round": self.round_idx, "global": {k: v.cpu() for k, v in self.global_state.items()},
+                "ledger": self.ledger.state_dict(), "method": self.method.state_dict()}
+
+    def load_state_dict(self, d):
+        self.round_idx = d["round"]
+        self.global_state = {k: v.to(self.device) for k, v in d["global"].items()}
+        self.ledger = Ledger.from_state_dict(d["ledger"])
+        self.method.load_state_dict(d["method"])
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -66,11 +66,12 @@ class StackedAdamW:
             p.sub_(lr_r / (1 - b1 ** t) * m / denom)
 
 
-def make_optimizer(name, lr, **kw):
-    """lr: [R] tensor. kw: momentum/weight_decay (sgd); betas/eps/weight_decay (adamw)."""
+def make_optimizer(cfg, lr):
+    """cfg: the config's optimizer section (name, momentum, weight_decay, betas, eps); lr: [R] tensor."""
+    name, kw = cfg["name"], cfg
     if name == "sgd":
         return StackedSGD(lr, momentum=kw.get("momentum", 0.0), weight_decay=kw.get("weight_decay", 0.0))
     if name == "adamw":
         return StackedAdamW(lr, betas=tuple(kw.get("betas", (0.9, 0.999))), eps=kw.get("eps", 1e-8),
-                            weight_decay=kw.get("weight_decay", 0.01))
+                            weight_decay=kw.get("weight_decay", 0.0))
     raise ValueError(f"unknown optimizer '{name}'; valid: sgd, adamw")

@@ -185,8 +185,8 @@ def run_reference(make_model, train, partitions, initial_global, cfg):
     unknown = set(initial_global) - set(params)
     if unknown:
         raise KeyError(f"initial_global has non-canonical names: {sorted(unknown)[:5]}")
-    glob = {n: p.detach().clone().float() for n, p in params.items()}
-    glob.update({n: v.detach().clone().float() for n, v in initial_global.items()})
+    glob = {n: p.detach().clone() for n, p in params.items()}
+    glob.update({n: v.detach().clone().to(params[n].dtype) for n, v in initial_global.items()})
     private = cfg.dp_max_grad_norm is not None
     own = {id(p): name for name, p in model.named_parameters()}
     model_names = {n: own[id(params[n])] for n in trainable}
@@ -216,7 +216,7 @@ def run_reference(make_model, train, partitions, initial_global, cfg):
                 for s in range(cfg.local_steps):
                     losses.append(_plain_step(model, _rows(train, part, pos[s]), opt))
             for n in trainable:
-                sums[n] += len(part) * params[n].detach().float()
+                sums[n] += len(part) * params[n].detach()
             total += len(part)
             client_losses.append(_mean(losses))
         for n in trainable:

@@ -11,7 +11,9 @@ import torch
 
 def derive_seed(*keys) -> int:
     """A 63-bit seed from any tuple of ints/strings (stable across processes and platforms)."""
-    digest = hashlib.blake2b(repr(tuple(keys)).encode(), digest_size=8).digest()
+    # numpy ints repr as 'np.int64(3)': normalise so 3 and np.int64(3) give the same stream
+    keys = tuple(int(k) if isinstance(k, np.integer) else k for k in keys)
+    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 

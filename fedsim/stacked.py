@@ -23,7 +23,7 @@ class GradBuffer:
     the fused clip-and-noise kernel reads, and `sq_norms` [Rc, b] accumulates the squared norms.
     """
 
-    def __init__(self, specs, num_replicas, batch_size, per_sample, device):
+    def __init__(self, specs, num_replicas, batch_size, per_sample, device, dtype=torch.float32):
         self.per_sample, self.specs = per_sample, dict(specs)
         self.summed = {}
         if per_sample:
@@ -32,8 +32,8 @@ class GradBuffer:
                 n = int(torch.Size(shape).numel())
                 self.offsets[name] = (off, off + n)
                 off += n
-            self.flat = torch.zeros(num_replicas, batch_size, off, device=device)
-            self.sq_norms = torch.zeros(num_replicas, batch_size, device=device)
+            self.flat = torch.zeros(num_replicas, batch_size, off, device=device, dtype=dtype)
+            self.sq_norms = torch.zeros(num_replicas, batch_size, device=device, dtype=dtype)
 
     def put(self, name, grad):
         if not self.per_sample:
@@ -101,9 +101,10 @@ class StackedLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, name: str, num_replicas: int, rank: int, state: _StackedState):
         super().__init__()
         self.base, self.name, self.state, self.rank = base, name, state, rank
-        self.A = nn.Parameter(torch.zeros(num_replicas, rank, base.in_features), requires_grad=False)
-        self.B = nn.Parameter(torch.zeros(num_replicas, base.out_features, rank), requires_grad=False)
-        self.register_buffer("scale", torch.ones(num_replicas))
+        kw = dict(dtype=base.weight.dtype, device=base.weight.device)   # fp32 unless the backbone is fp64
+        self.A = nn.Parameter(torch.zeros(num_replicas, rank, base.in_features, **kw), requires_grad=False)
+        self.B = nn.Parameter(torch.zeros(num_replicas, base.out_features, rank, **kw), requires_grad=False)
+        self.register_buffer("scale", torch.ones(num_replicas, **kw))
 
     def forward(self, x):
         h = self.base(x)

@@ -141,18 +141,24 @@ def find_split_file(task, split: str, data_dir=None):
         f"{spec.subdir}/{stem}.parquet (see ../shared/data/README.md).")
 
 
+def _bad_file(path, e, what="") -> DataReadError:
+    return DataReadError(f"cannot read {path}: {type(e).__name__}: {e}. The file is corrupt, truncated{what}; "
+                         f"restore it from the dataset source (see ../shared/data/README.md).")
+
+
 def _read_parquet(path: Path, columns) -> pd.DataFrame:
     try:
-        table = pq.read_table(path, columns=list(columns))
+        return pq.read_table(path, columns=list(columns)).to_pandas()
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, KeyError... for bad files
-        raise DataReadError(f"cannot read {path}: {type(e).__name__}: {e}. The file is corrupt, truncated "
-                            f"or lacks columns {list(columns)}; restore it from the dataset source.") from e
-    return table.to_pandas()
+        raise _bad_file(path, e, f" or lacks columns {list(columns)}") from e
 
 
 def file_label_names(path: Path):
     """label_names from the parquet schema metadata (or 20news' label_names.json), None if absent."""
-    md = pq.read_schema(path).metadata or {}
+    try:
+        md = pq.read_schema(path).metadata or {}
+    except Exception as e:
+        raise _bad_file(path, e) from e
     if b"label_names" in md:
         return tuple(json.loads(md[b"label_names"]))
     sidecar = path.parent / "label_names.json"
@@ -162,6 +168,7 @@ def file_label_names(path: Path):
 
 
 def _load_hub(spec: TaskSpec, stem: str) -> pd.DataFrame:
+    # SetFit/20_newsgroups may differ from the local bydate copy (row order, cleaning): do not mix sources.
     import datasets
     ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=stem)
     return ds.to_pandas()
@@ -172,8 +179,8 @@ def _load_hub(spec: TaskSpec, stem: str) -> pd.DataFrame:
 def _select_rows(labels: np.ndarray, spec: TaskSpec, stem: str, subsample, seed) -> np.ndarray:
     """Row positions kept: labeled rows (train/eval splits), then a seeded uniform subset.
 
-    Uniform (not stratified) sampling keeps the split's natural label mix; the subset is returned in
-    corpus order so it is stable under reordering-free edits and easy to diff."""
+    Uniform rather than stratified: the subset keeps the split's label mix in expectation and needs
+    no label-specific logic. Rows stay in corpus order."""
     keep = np.arange(len(labels)) if stem in spec.extra_splits else np.flatnonzero(labels != -1)
     if subsample is not None:
         if int(subsample) < 1:

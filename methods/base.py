@@ -39,6 +39,13 @@ class Method:
         raise NotImplementedError
 
     # --- hooks with defaults ----------------------------------------------------------------------
+    def state_dict(self):
+        """Server-side method state beyond the global tensors (schedules), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, d):
+        pass
+
     def on_round_start(self, round_idx, global_state, stacked):
         """Schedules (stage switches, rank budgets): may return a new global state."""
         return global_state
@@ -51,7 +58,7 @@ class Method:
         """FedAvg of every trained tensor, weighted by client sample counts."""
         new = dict(global_state)
         for name, stack in client_states.items():
-            new[name] = torch.einsum("fm,fm...->f...", weights, stack)
+            new[name] = torch.einsum("fm,fm...->f...", weights.to(stack.dtype), stack)
         return new
 
     def payload_bytes(self, global_state, round_idx):

@@ -1,0 +1,15 @@
+"""Federated methods. Each is a small object (methods/base.py); the registry maps config names to them."""
+from methods.base import LoRAParams, Method
+from methods.fedavg_lora import FedAvgLoRA
+
+METHODS = {m.name: m for m in (FedAvgLoRA,)}
+
+
+def make_method(method_cfg: dict, lora_cfg: dict) -> Method:
+    params = dict(method_cfg)
+    name = params.pop("name", None)
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; valid: {sorted(METHODS)}")
+    lora = LoRAParams(rank=int(lora_cfg["rank"]), alpha=float(lora_cfg["alpha"]), targets=tuple(lora_cfg["targets"])
+                      if not isinstance(lora_cfg["targets"], str) else lora_cfg["targets"])
+    return METHODS[name](lora, **params)

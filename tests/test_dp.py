@@ -1,0 +1,186 @@
+"""fedsim.dp: clipping/noise math on the torch path, noise statistics and streams, Opacus accounting."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedsim.dp import (DPConfig, clip_and_noise, epsilon_spent, max_poisson_batch, noise_multiplier_for,
+                       validate_dp)
+from fedsim.rng import torch_generator
+
+
+def keys(R, tag=0):
+    return [(7, "dp-noise", tag, r) for r in range(R)]
+
+
+@st.composite
+def grad_batches(draw):
+    """Random per-sample grads [R, b, D] spanning 6 orders of magnitude, with some rows zeroed (masked)."""
+    R, b, D = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 40))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    scale = 10 ** draw(st.floats(-3, 3))
+    grads = torch.randn(R, b, D, generator=g) * scale
+    grads *= (torch.rand(R, b, 1, generator=g) > 0.3)
+    return grads, scale
+
+
+clip_norms = st.floats(1e-3, 1e3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(grad_batches(), clip_norms)
+def test_each_clipped_sample_within_bound(batch, C):
+    grads, _ = batch
+    R, b, D = grads.shape
+    for r in range(R):
+        for n in range(b):
+            one = clip_and_noise(grads[r:r + 1, n:n + 1], C, 0.0, 1.0, keys(1))
+            # measure in float64 so the check is not fooled by float32 rounding of the norm itself
+            assert one.double().norm() <= C * (1 + 1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(grad_batches(), st.floats(0.5, 64))
+def test_huge_clip_norm_is_plain_mean(batch, B):
+    grads, scale = batch
+    out = clip_and_noise(grads, 1e12, 0.0, B, keys(grads.shape[0]))
+    torch.testing.assert_close(out, grads.sum(1) / B, rtol=1e-5, atol=1e-6 * scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(grad_batches(), clip_norms)
+def test_sigma_zero_is_deterministic_and_key_free(batch, C):
+    grads, _ = batch
+    R = grads.shape[0]
+    a = clip_and_noise(grads, C, 0.0, 3.0, keys(R, 0))
+    assert torch.equal(a, clip_and_noise(grads, C, 0.0, 3.0, keys(R, 0)))
+    assert torch.equal(a, clip_and_noise(grads, C, 0.0, 3.0, keys(R, 1)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(grad_batches(), clip_norms)
+def test_zero_rows_contribute_nothing(batch, C):
+    grads, scale = batch
+    R, b, D = grads.shape
+    assert torch.equal(clip_and_noise(torch.zeros(R, b, D), C, 0.0, 2.0, keys(R)), torch.zeros(R, D))
+    padded = torch.cat([grads, torch.zeros(R, 3, D)], dim=1)  # Poisson padding slots
+    torch.testing.assert_close(clip_and_noise(padded, C, 0.0, 2.0, keys(R)),
+                               clip_and_noise(grads, C, 0.0, 2.0, keys(R)), rtol=1e-6, atol=1e-7 * scale)
+
+
+@settings(max_examples=20, deadline=None)
+@given(grad_batches(), clip_norms)
+def test_sq_norms_and_per_replica_params(batch, C):
+    grads, _ = batch
+    R = grads.shape[0]
+    Cs, Bs, sig = C * torch.linspace(0.5, 2, R), torch.linspace(1, 9, R), torch.linspace(0, 1.5, R)
+    out = clip_and_noise(grads, Cs, sig, Bs, keys(R), sq_norms=grads.square().sum(-1))
+    for r in range(R):  # a [R] parameter tensor is the same as calling each replica with its own floats
+        one = clip_and_noise(grads[r:r + 1], Cs[r].item(), sig[r].item(), Bs[r].item(), keys(R)[r:r + 1])
+        torch.testing.assert_close(out[r:r + 1], one, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- noise
+
+R, D, SIGMA, C, B = 6, 20000, 1.3, 0.7, 5.0
+
+
+def test_noise_is_exactly_the_keyed_torch_stream():
+    out = clip_and_noise(torch.zeros(R, 4, D), C, SIGMA, B, keys(R))
+    for r, k in enumerate(keys(R)):
+        assert torch.equal(out[r], torch.randn(D, generator=torch_generator(*k)) * SIGMA * C / B)
+
+
+def test_noise_statistics_and_independence():
+    out = clip_and_noise(torch.zeros(R, 4, D), C, SIGMA, B, keys(R)).double()
+    s, n = SIGMA * C / B, out.numel()
+    # n iid N(0, s^2): the sample mean has std s/sqrt(n), the sample std has relative std ~1/sqrt(2n);
+    # 5 of those is a ~6e-7 false-alarm rate (and the draw is seeded, so it is deterministic anyway).
+    assert abs(out.mean()) < 5 * s / math.sqrt(n)
+    assert abs(out.std() / s - 1) < 5 / math.sqrt(2 * n)
+    # Independent replicas: each pairwise sample correlation is ~N(0, 1/D); 5/sqrt(D) over 15 pairs.
+    corr = torch.corrcoef(out)
+    off = corr[~torch.eye(R, dtype=torch.bool)]
+    assert off.abs().max() < 5 / math.sqrt(D)
+
+
+def test_noise_keys_select_streams():
+    z = torch.zeros(2, 1, 1000)
+    a = clip_and_noise(z, C, SIGMA, B, keys(2, 0))
+    assert torch.equal(a, clip_and_noise(z, C, SIGMA, B, keys(2, 0)))
+    assert not (a == clip_and_noise(z, C, SIGMA, B, keys(2, 1))).any()
+    assert not (a[0] == a[1]).any()
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        clip_and_noise(torch.zeros(1, 1, 3), C, 0.0, B, keys(1), backend="cuda")
+
+
+# -------------------------------------------------------------------------------------------- accounting
+
+def test_noise_multiplier_matches_opacus_and_spends_target():
+    sigma = noise_multiplier_for(3, 1e-5, 0.01, 1000)
+    assert sigma == get_noise_multiplier(target_epsilon=3, target_delta=1e-5, sample_rate=0.01, steps=1000,
+                                         accountant="rdp")
+    eps = epsilon_spent(sigma, 0.01, 1000, 1e-5, "rdp")
+    assert 3 - 0.011 <= eps <= 3  # opacus' binary search stops within epsilon_tolerance=0.01 below target
+    assert epsilon_spent(sigma * 1.1, 0.01, 1000, 1e-5, "rdp") < eps  # more noise, less privacy spent
+
+
+def test_prv_accountant():
+    sigma = noise_multiplier_for(3, 1e-5, 0.01, 100, accountant="prv")
+    assert 3 - 0.05 <= epsilon_spent(sigma, 0.01, 100, 1e-5, "prv") <= 3
+    assert sigma < noise_multiplier_for(3, 1e-5, 0.01, 100, accountant="rdp")  # PRV is tighter than RDP
+
+
+def test_edge_cases_of_spending():
+    assert epsilon_spent(1.0, 0.01, 0, 1e-5) == 0.0
+    assert epsilon_spent(0.0, 0.01, 10, 1e-5) == math.inf
+
+
+@pytest.mark.parametrize("args, match", [
+    ((0, 1e-5, 1.0, "rdp"), "epsilon"),
+    ((-1, 1e-5, 1.0, "rdp"), "epsilon"),
+    ((3, 0, 1.0, "rdp"), "delta"),
+    ((3, 1.0, 1.0, "rdp"), "delta"),
+    ((3, 1e-5, 0.0, "rdp"), "max_grad_norm"),
+    ((3, 1e-5, 1.0, "gdp"), "accountant"),
+])
+def test_validate_dp_rejects(args, match):
+    with pytest.raises(ValueError, match=match):
+        validate_dp(*args)
+    with pytest.raises(ValueError, match=match):
+        DPConfig(*args).validate()
+
+
+def test_non_private_config_is_valid():
+    cfg = DPConfig().validate()
+    assert not cfg.private and DPConfig(epsilon=8).validate().private
+    with pytest.raises(ValueError, match="max_batch_factor"):
+        DPConfig(epsilon=8, max_batch_factor=0).validate()
+
+
+@pytest.mark.parametrize("q, steps", [(1.0, 10000), (0.5, 1000)])
+def test_unreachable_epsilon_says_how_to_fix(q, steps):
+    with pytest.raises(ValueError, match="raise epsilon, lower q.*lower the number of steps"):
+        noise_multiplier_for(0.01, 1e-5, q, steps)
+
+
+def test_bad_schedule():
+    with pytest.raises(ValueError, match="sample rate"):
+        noise_multiplier_for(3, 1e-5, 0.0, 100)
+    with pytest.raises(ValueError, match="steps"):
+        noise_multiplier_for(3, 1e-5, 0.1, -1)
+
+
+@pytest.mark.parametrize("mu", [0.5, 1, 4, 16, 64, 256, 4096])
+@pytest.mark.parametrize("k", [2.0, 3.0, 4.0])
+def test_max_poisson_batch_tail_bound(mu, k):
+    from scipy.stats import binom
+    m = max_poisson_batch(mu, k)
+    assert m >= mu + k * math.sqrt(mu)
+    n = 100_000  # batch size ~ Binomial(n, mu/n); the documented Bernstein bound must hold
+    assert binom.sf(m, n, mu / n) <= math.exp(-k * k / 2)
