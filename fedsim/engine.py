@@ -94,6 +94,7 @@ class FederatedEngine:
     def run_round(self):
         t = self.round_idx
         self.global_state = self.method.on_round_start(t, self.global_state, self.stacked)
+        self.tensors = self.stacked.tensors()                   # a schedule may have resized them
         sampled = self.sampled_clients(t)
         trainable = [n for n in self.tensors if self.method.trainable(n, t)]
         with torch.no_grad():                                    # broadcast global -> replicas

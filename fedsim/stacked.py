@@ -220,6 +220,17 @@ class StackedModel(nn.Module):
         if not self.heads:
             raise ValueError(f"no nn.Linear named '{head}' in the model: set the head module name")
 
+    def resize_rank(self, rank):
+        """New LoRA rank for every layer (zero-filled; the caller loads the values). Scale is kept."""
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1 (got {rank})")
+        for layer in self.lora.values():
+            R, _, n_in = layer.A.shape
+            layer.A = nn.Parameter(layer.A.new_zeros(R, rank, n_in), requires_grad=False)
+            layer.B = nn.Parameter(layer.B.new_zeros(R, layer.B.shape[1], rank), requires_grad=False)
+            layer.rank = rank
+        self.rank = rank
+
     def tensors(self):
         """Canonical name -> stacked tensor, in canonical order (per module A then B; head last)."""
         out = {}
