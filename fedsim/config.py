@@ -32,7 +32,7 @@ DEFAULTS = {
     "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0,
                   "betas": [0.9, 0.999], "eps": 1e-8},
     "dp": {"epsilon": None, "delta": 1e-5, "max_grad_norm": 1.0, "accountant": "rdp",
-           "max_batch_factor": 3.0},
+           "max_batch_factor": 5.0},
     "seeds": [0],                # each seed is a federation in the same pass
     "sweep": {},                 # shape-preserving variants run as more federations, e.g. {"optimizer.lr": [0.01, 0.1]}
     "replica_chunk": None,       # replicas per forward/backward; None = all (GPU) / measured (CPU)

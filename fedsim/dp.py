@@ -139,7 +139,7 @@ class DPConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
-    max_batch_factor: float = 3.0  # Poisson padding: see max_poisson_batch
+    max_batch_factor: float = 5.0  # Poisson padding: overflow probability <= exp(-k^2/2) per step
 
     @property
     def private(self) -> bool:

@@ -65,9 +65,9 @@ class FederatedEngine:
         self.sigma = rep([f.noise_multiplier for f in federations])
         for layer in stacked.lora.values():
             layer.scale.copy_(rep([f.lora_alpha / stacked.rank for f in federations]))
-        self.tensors = stacked.tensors()
         self.global_state = {k: v.to(device, self.dtype) for k, v in
                              method.init_global(stacked, [f.seed for f in federations]).items()}
+        self.tensors = stacked.tensors()                        # after init_global: it may add tensors
         self.ledger = Ledger(len(federations))
         self.round_idx = 0
 

@@ -23,6 +23,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from fedsim.config import federations, load_config, parse_set
+from fedsim.autochunk import choose_replica_chunk
 from fedsim.engine import DPSetup, Federation, FederatedEngine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,7 +96,6 @@ class Experiment:
     def build(self):
         """The expensive part: model, tokenized tensors, stacked replicas, engine."""
         from fedsim.models import load_backbone
-        from fedsim.stacked import StackedModel
         from fedsim.tasks import load_tokenized
         cfg = self.cfg
         model, tok = load_backbone(cfg["model"], num_labels=self.task.num_labels,
@@ -110,11 +110,14 @@ class Experiment:
             evals = {s: {k: v.to(self.device) for k, v in d.items()} for s, d in evals.items()}
         m = max(1, min(cfg["num_clients"], round(cfg["client_fraction"] * cfg["num_clients"])))
         R = len(self.feds) * m
-        stacked = StackedModel(model, R, int(cfg["lora"]["rank"]), cfg["lora"]["targets"]).to(self.device)
-        return FederatedEngine(stacked, self.method, train, self.feds, local_steps=cfg["local_steps"],
-                               batch_size=cfg["batch_size"], client_fraction=cfg["client_fraction"],
-                               optimizer=cfg["optimizer"], dp=self.dp, replica_chunk=cfg["replica_chunk"],
-                               device=self.device, eval_sets=evals, eval_batch_size=cfg["eval_batch_size"])
+        stacked = self.method.build_stacked(model, R).to(self.device)    # the method picks its container
+        engine = FederatedEngine(stacked, self.method, train, self.feds, local_steps=cfg["local_steps"],
+                                 batch_size=cfg["batch_size"], client_fraction=cfg["client_fraction"],
+                                 optimizer=cfg["optimizer"], dp=self.dp, replica_chunk=cfg["replica_chunk"],
+                                 device=self.device, eval_sets=evals, eval_batch_size=cfg["eval_batch_size"])
+        if cfg["replica_chunk"] is None and self.device.type == "cpu" and R > 1:
+            choose_replica_chunk(engine, train["input_ids"].shape[1])
+        return engine
 
 
 def run(cfg, out_dir, progress=True):

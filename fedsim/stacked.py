@@ -4,6 +4,8 @@ R replicas (virtual clients) share one frozen backbone. Every trainable tensor h
 LoRA A [R, r, in], B [R, out, r]; head weight [R, out, in], bias [R, out]. A step's batch is
 replica-major ([Rc*b, T] rows, each replica's b samples contiguous), so the adapter path is two
 batched matmuls over [Rc, b*T, in]. `active` selects the chunk of replicas [r0, r1) a pass runs.
+A LoRA layer may also carry a per-replica sparse delta on its frozen base weight (SLoRA's stage 1):
+values [R, nnz] at positions (rows, cols) shared by all replicas, applied by gather/index_add.
 
 Gradients of the trainable tensors never go through autograd's parameter accumulation: each layer's
 backward computes them itself -- summed per replica, or per sample when DP needs them -- as one
@@ -95,6 +97,39 @@ class _LoRADelta(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+class _SparseDelta(torch.autograd.Function):
+    """delta[..., rows[k]] += v[k] * x[..., cols[k]] per replica: a sparse [out, in] weight at shared positions,
+    never densified. Backward hands dv_n = sum_t g[n, t, rows] * x[n, t, cols] (summed or per sample) to the
+    buffer. The [Rc, N, nnz] gathered intermediate is the price of not materialising [Rc, out, in]."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x, v, rows, cols, layer):
+        ctx.save_for_backward(x, v, rows, cols)
+        ctx.layer = layer
+        out = x.new_zeros(*x.shape[:2], layer.base.out_features)
+        return out.index_add_(2, rows, x[:, :, cols] * v[:, None, :])
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g):
+        x, v, rows, cols = ctx.saved_tensors
+        layer = ctx.layer
+        state = layer.state
+        g_rows = g[:, :, rows]                                      # [Rc, N, nnz]
+        if state.buffer is not None and layer.sparse.requires_grad:
+            prod = g_rows * x[:, :, cols]
+            if state.buffer.per_sample:
+                R, N, _ = x.shape
+                state.buffer.put(layer.name + ".sparse", prod.view(R, state.batch_size, -1, prod.shape[-1]).sum(2))
+            else:
+                state.buffer.put(layer.name + ".sparse", prod.sum(1))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.zeros_like(x).index_add_(2, cols, g_rows * v[:, None, :])
+        return grad_x, None, None, None, None
+
+
 class StackedLoRALinear(nn.Module):
     """A frozen nn.Linear shared by all replicas plus per-replica LoRA factors (peft's layout per replica)."""
 
@@ -105,6 +140,18 @@ class StackedLoRALinear(nn.Module):
         self.A = nn.Parameter(torch.zeros(num_replicas, rank, base.in_features, **kw), requires_grad=False)
         self.B = nn.Parameter(torch.zeros(num_replicas, base.out_features, rank, **kw), requires_grad=False)
         self.register_buffer("scale", torch.ones(num_replicas, **kw))
+        self.register_parameter("sparse", None)                     # optional sparse delta (set_sparse)
+        self.register_buffer("sparse_rows", None)
+        self.register_buffer("sparse_cols", None)
+
+    def set_sparse(self, rows, cols):
+        """Attach zero per-replica values at positions (rows, cols) of the base weight, shared by all replicas."""
+        dev = self.A.device
+        self.sparse = nn.Parameter(self.A.new_zeros(self.A.shape[0], len(rows)), requires_grad=False)
+        self.sparse_rows, self.sparse_cols = rows.to(dev, torch.long), cols.to(dev, torch.long)
+
+    def clear_sparse(self):
+        self.sparse = self.sparse_rows = self.sparse_cols = None
 
     def forward(self, x):
         h = self.base(x)
@@ -113,6 +160,8 @@ class StackedLoRALinear(nn.Module):
         R = A.shape[0]
         xr = x.reshape(R, -1, x.shape[-1]).to(A.dtype)              # replica-major rows -> [Rc, b*T, in]
         delta = _LoRADelta.apply(xr, A, B, scale, self)
+        if self.sparse is not None:
+            delta = delta + _SparseDelta.apply(xr, self.sparse[sl], self.sparse_rows, self.sparse_cols, self)
         return h + delta.reshape(h.shape).to(h.dtype)
 
 
@@ -232,9 +281,11 @@ class StackedModel(nn.Module):
         self.rank = rank
 
     def tensors(self):
-        """Canonical name -> stacked tensor, in canonical order (per module A then B; head last)."""
+        """Canonical name -> stacked tensor, in canonical order (per module sparse if any, A, B; head last)."""
         out = {}
         for name, layer in self.lora.items():
+            if layer.sparse is not None:
+                out[name + ".sparse"] = layer.sparse
             out[name + ".lora_A"], out[name + ".lora_B"] = layer.A, layer.B
         for name, layer in self.heads.items():
             out[name + ".weight"], out[name + ".bias"] = layer.weight, layer.bias

@@ -39,6 +39,11 @@ class Method:
         raise NotImplementedError
 
     # --- hooks with defaults ----------------------------------------------------------------------
+    def build_stacked(self, model, num_replicas):
+        """The replica container the engine trains (default: stacked LoRA layers + head, frozen backbone)."""
+        from fedsim.stacked import StackedModel
+        return StackedModel(model, num_replicas, self.lora.rank, self.lora.targets)
+
     def state_dict(self):
         """Server-side method state beyond the global tensors (schedules), for checkpoints."""
         return {}

@@ -4,7 +4,6 @@ import torch
 
 from fedsim.engine import DPSetup, Federation, FederatedEngine
 from fedsim.reference import ReferenceConfig, run_reference
-from fedsim.stacked import StackedModel
 from methods import make_method
 from partitions import dirichlet_label_skew
 
@@ -20,7 +19,7 @@ def build_engine(make_model, data, parts_per_fed, *, seeds, optimizer, targets, 
                        noise_multiplier=(sigmas or [0.0] * len(seeds))[i], partitions=p)
             for i, (s, p) in enumerate(zip(seeds, parts_per_fed))]
     m = max(1, round(fraction * len(parts_per_fed[0])))
-    stacked = StackedModel(make_model(), len(seeds) * m, rank, targets)
+    stacked = method.build_stacked(make_model(), len(seeds) * m)
     return FederatedEngine(stacked, method, data, feds, local_steps=K, batch_size=b, client_fraction=fraction,
                            optimizer=optimizer, dp=dp, replica_chunk=chunk, device=torch.device("cpu"))
 

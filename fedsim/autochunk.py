@@ -1,0 +1,73 @@
+"""Pick how many replicas share one forward/backward (measured once per shape, cached on disk).
+
+On a GPU all replicas in one pass is fastest until memory runs out. On a 2-core CPU a huge batch falls
+out of cache and runs slower than several smaller ones, so the engine measures a few chunk sizes on
+the real model and keeps the fastest. The result is cached in .cache/replica_chunk.json keyed by the
+device, model shape, batch shape and DP mode.
+"""
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from fedsim.optim import make_optimizer
+
+CACHE = Path(os.environ.get("FEDSIM_CACHE") or Path(__file__).resolve().parent.parent / ".cache") / "replica_chunk.json"
+
+
+def _key(engine, seq_len):
+    cfg = engine.stacked.model.config
+    dev = torch.cuda.get_device_name() if engine.device.type == "cuda" else f"cpu{torch.get_num_threads()}"
+    return "|".join(map(str, (dev, cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, engine.R,
+                              engine.dp.max_batch if engine.dp else engine.b, seq_len,
+                              sorted(engine.tensors)[:1], len(engine.tensors), engine.dp is not None)))
+
+
+def candidates(R):
+    out, c = [], 1
+    while c < R:
+        out.append(c)
+        c *= 2
+    return out + [R]
+
+
+def choose_replica_chunk(engine, seq_len, repeats=2, cache=CACHE):
+    """Set engine.chunk to the fastest chunk size (samples/s) measured on round-0 batches; returns it.
+
+    Timing runs real local steps with a throwaway optimizer; the next round's broadcast overwrites
+    whatever they changed, so results are unaffected."""
+    key = _key(engine, seq_len)
+    table = json.loads(cache.read_text()) if cache.exists() else {}
+    if key in table:
+        engine.chunk = table[key]["chunk"]
+        return engine.chunk
+    sampled = engine.sampled_clients(0)
+    rows, masks = engine._batches(0, sampled)
+    ids = [(i, int(c)) for i, cl in enumerate(sampled) for c in cl]
+    trainable = [n for n in engine.tensors if engine.method.trainable(n, 0)]
+    for name, p in engine.tensors.items():
+        p.requires_grad_(name in trainable)
+    with torch.no_grad():
+        for name, g in engine.global_state.items():
+            engine.tensors[name].copy_(g.repeat_interleave(engine.m, 0))
+    rates = {}
+    for c in candidates(engine.R):
+        opt = make_optimizer(engine.opt_cfg, engine.lr)
+        rs = slice(0, c)
+        engine._local_step(0, 0, rs, rows[rs, 0], masks[rs, 0], ids[rs], trainable, opt)   # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            engine._local_step(0, 0, rs, rows[rs, 0], masks[rs, 0], ids[rs], trainable, opt)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        rates[c] = c * repeats / (time.perf_counter() - t0)
+    best = max(rates, key=rates.get)
+    table[key] = {"chunk": best, "replicas_per_s": {str(k): round(v, 2) for k, v in rates.items()}}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(table, indent=1))
+    os.replace(tmp, cache)
+    engine.chunk = best
+    return best

@@ -1,0 +1,27 @@
+"""FedAvg with full fine-tuning (McMahan et al. 2017): the upper-bound baseline of the LoRA papers.
+
+Every parameter of the model is trained by each client and averaged by the server, weighted by client
+sample counts (the base class's aggregate). The backbone starts from the pretrained weights; the head
+starts from the same seeded init as the LoRA methods so that runs differ only in what is trained.
+Runs through the same engine on a FullStackedModel (every parameter stacked per replica); the LoRA
+config (rank, alpha, targets) is ignored. Payload: every parameter, both ways.
+"""
+from fedsim.full_stacked import FullStackedModel
+from methods.base import Method, init_head
+
+
+class FedAvgFFT(Method):
+    name = "fedavg_fft"
+    Params = None
+
+    def build_stacked(self, model, num_replicas):
+        return FullStackedModel(model, num_replicas)
+
+    def init_global(self, stacked, seeds):
+        F = len(seeds)
+        state = {n: t[0].detach().expand(F, *t.shape[1:]).clone() for n, t in stacked.tensors().items()}
+        state.update(init_head(stacked, seeds, stacked.model.config.initializer_range))
+        return state
+
+    def trainable(self, name, round_idx):
+        return True
