@@ -100,6 +100,9 @@ class Experiment:
         cfg = self.cfg
         model, tok = load_backbone(cfg["model"], num_labels=self.task.num_labels,
                                    num_hidden_layers=cfg["num_hidden_layers"], seed=cfg["seeds"][0])
+        m = max(1, min(cfg["num_clients"], round(cfg["client_fraction"] * cfg["num_clients"])))
+        R = len(self.feds) * m
+        stacked = self.method.build_stacked(model, R).to(self.device)    # the method picks its container
         kw = dict(max_length=cfg["max_length"], padding=cfg["padding"], data_dir=cfg["data_dir"],
                   strip_metadata=cfg["strip_metadata"])
         train = load_tokenized(self.task, self.task.train_split, tok, subsample=cfg["train_subsample"], **kw)
@@ -108,9 +111,6 @@ class Experiment:
         if self.device.type == "cuda":
             train = {k: v.pin_memory() for k, v in train.items()}
             evals = {s: {k: v.to(self.device) for k, v in d.items()} for s, d in evals.items()}
-        m = max(1, min(cfg["num_clients"], round(cfg["client_fraction"] * cfg["num_clients"])))
-        R = len(self.feds) * m
-        stacked = self.method.build_stacked(model, R).to(self.device)    # the method picks its container
         engine = FederatedEngine(stacked, self.method, train, self.feds, local_steps=cfg["local_steps"],
                                  batch_size=cfg["batch_size"], client_fraction=cfg["client_fraction"],
                                  optimizer=cfg["optimizer"], dp=self.dp, replica_chunk=cfg["replica_chunk"],

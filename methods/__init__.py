@@ -1,10 +1,12 @@
 """Federated methods. Each is a small object (methods/base.py); the registry maps config names to them."""
 from methods.base import LoRAParams, Method
 from methods.fedavg_lora import FedAvgLoRA
+from methods.ffa_lora import FFALoRA
+from methods.sa_fedlora import SAFedLoRA
 from methods.fedavg_fft import FedAvgFFT
 from methods.slora import SLoRA
 
-METHODS = {m.name: m for m in (FedAvgLoRA, FedAvgFFT, SLoRA,)}
+METHODS = {m.name: m for m in (FedAvgLoRA, FedAvgFFT, SLoRA, FFALoRA, SAFedLoRA)}
 
 
 def make_method(method_cfg: dict, lora_cfg: dict) -> Method:

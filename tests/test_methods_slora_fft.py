@@ -67,10 +67,12 @@ def test_slora_mask_is_shared_seeded_and_of_target_density(make_model):
 
 
 def test_slora_stage1_sparse_then_stage2_best_rank_r(make_model, sst2_small):
+    """fp64: the early stage-1 update (~1e-7) is below fp32 resolution of W0 + dW, so the effective-weight
+    checks would only test rounding; the math is the same in both precisions."""
     labels = sst2_small["labels"].numpy()
     parts = [dirichlet_label_skew(labels, 2, alpha=1.0, seed=s) for s in (0, 3)]
     method = slora(stage1_rounds=1, density=0.02)
-    eng = engine_for(method, make_model, sst2_small, parts, seeds=[0, 3])
+    eng = engine_for(method, lambda: make_model().double(), sst2_small, parts, seeds=[0, 3])
     lora = eng.stacked.lora
     w0 = {n: probe(layer, 0) for n, layer in lora.items()}          # values 0, B = 0: the pretrained weight
 
@@ -82,10 +84,6 @@ def test_slora_stage1_sparse_then_stage2_best_rank_r(make_model, sst2_small):
             changed = probe(layer, r) != w0[name]
             assert changed.any() and not (changed & ~masked).any()
         assert not layer.A.any() and not layer.B.any()                # LoRA untouched in stage 1
-    head = [eng.global_state[k] for k in ("classifier.weight", "classifier.bias")]
-    nnz = sum(layer.sparse.shape[1] for layer in lora.values())
-    assert eng.ledger.rounds[0]["up_per_client"] == nnz * 4 + nbytes(head)
-    assert eng.ledger.rounds[0]["down_per_client"] == nnz * 4 + nbytes(head)
 
     dW = {}
     for name, layer in lora.items():
@@ -99,21 +97,17 @@ def test_slora_stage1_sparse_then_stage2_best_rank_r(make_model, sst2_small):
         for f in range(2):
             A, B = eng.global_state[name + ".lora_A"][f], eng.global_state[name + ".lora_B"][f]
             approx = scale * (B.double() @ A.double())
-            S = torch.linalg.svdvals(dW[name][f])
+            U, S, Vh = torch.linalg.svd(dW[name][f])
             residual = (dW[name][f] - approx).norm()
-            assert torch.isclose(residual, S[LORA["rank"]:].pow(2).sum().sqrt(), rtol=1e-5)    # Eckart-Young
-            U, S_, Vh = torch.linalg.svd(dW[name][f])
-            best = U[:, :4] @ torch.diag(S_[:4]) @ Vh[:4]
-            assert (approx - best).norm() <= 1e-5 * best.norm()
-            assert torch.allclose(A.norm(dim=1), B.norm(dim=0), rtol=1e-4)                   # balanced split
+            assert torch.isclose(residual, S[4:].pow(2).sum().sqrt(), rtol=1e-8)              # Eckart-Young
+            best = U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]
+            assert (approx - best).norm() <= 1e-8 * best.norm()
+            assert torch.allclose(A.norm(dim=1), B.norm(dim=0), rtol=1e-8)                   # balanced split
             layer.A.data[f * 2], layer.B.data[f * 2] = A, B                                   # replica f*m
             eff = probe(layer, f * 2) - w0[name]                     # W0 back (sparse dropped) + LoRA
-            assert (eff.T.double() - best).abs().max() <= 1e-5 * best.abs().max()
-
+            assert (eff.T - best).abs().max() <= 1e-6 * best.abs().max()
     eng.run_round()                                                   # stage 2 = FedAvg-LoRA
-    lora_bytes = sum(nbytes([eng.global_state[n + k] for k in (".lora_A", ".lora_B")]) for n in lora)
-    assert eng.ledger.rounds[1]["up_per_client"] == lora_bytes + nbytes(head)
-    assert eng.ledger.rounds[1]["down_per_client"] == lora_bytes + nbytes(head)
+    assert all(eng.global_state[n + ".lora_B"].norm() > 0 for n in lora)
 
 
 @pytest.mark.parametrize("per_sample", [True, False])
@@ -153,7 +147,7 @@ def test_slora_with_dp_clips_sparse_and_head_jointly(make_model, sst2_small):
     labels = sst2_small["labels"].numpy()
     parts = [dirichlet_label_skew(labels, 2, alpha=1.0, seed=s) for s in (1, 2)]
     q, C, lr = 0.05, 0.05, 0.5
-    dp = DPSetup(max_grad_norm=C, sample_rate=q, max_batch=12)
+    dp = DPSetup(max_grad_norm=C, sample_rate=q, max_batch=24)
     method = slora(stage1_rounds=1, density=0.01)
     eng = engine_for(method, make_model, sst2_small, parts, seeds=[1, 2], optimizer=dict(SGD, lr=lr), dp=dp,
                      sigmas=[0.0, 0.8])
@@ -174,6 +168,12 @@ def test_slora_with_dp_clips_sparse_and_head_jointly(make_model, sst2_small):
     info = eng.run_round()                            # stage 2 under DP: LoRA + head
     assert all(torch.isfinite(torch.tensor(info["loss"])))
     assert all(eng.global_state[n + ".lora_B"].norm() > 0 for n in eng.stacked.lora)
+    # ledger: stage 1 sends the masked values only (no indices), stage 2 the LoRA factors; head both times
+    head = nbytes([eng.global_state[k] for k in ("classifier.weight", "classifier.bias")])
+    nnz = sum(start[n].shape[1] for n in start if n.endswith(".sparse"))
+    lora = sum(nbytes([eng.global_state[n + k] for k in (".lora_A", ".lora_B")]) for n in eng.stacked.lora)
+    for t, payload in enumerate([nnz * 4 + head, lora + head]):
+        assert eng.ledger.rounds[t]["up_per_client"] == payload == eng.ledger.rounds[t]["down_per_client"]
 
 
 # ---------------------------------------------------------------------------------------------- FedAvg-FFT
@@ -219,7 +219,7 @@ def test_full_stacked_per_sample_grads_equal_func_reference(make_model, sst2_sma
     with torch.no_grad():
         t["classifier.weight"][1] += 0.1              # replica 1 differs from the HF model (= replica 0)
     b = 3
-    batch = {k: v[:2 * b, :12] for k, v in sst2_small.items()}
+    batch = {k: v[:2 * b, :12] if v.dim() > 1 else v[:2 * b] for k, v in sst2_small.items()}
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     st = fsm.state
     st.active, st.batch_size = slice(None), b
