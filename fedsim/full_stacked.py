@@ -58,9 +58,10 @@ class FullStackedModel(nn.Module):
         self.model, self.num_replicas = model, num_replicas
         self.state = _StackedState()
         self.names = [n for n, _ in model.named_parameters()]
+        # the HF model's own parameters are only a template (functional_call replaces every one of them)
         self.stack = nn.ParameterList([nn.Parameter(p.detach().expand(num_replicas, *p.shape).clone(),
                                                     requires_grad=False) for _, p in model.named_parameters()])
-        self.lora = {}                             # no adapters (the engine sets LoRA scales on these)
+        self.lora = {}                             # no adapters: the engine's LoRA-scale setup has nothing to do
         self.head_names = head_module_names(model, head)
         if not self.head_names:
             raise ValueError(f"no nn.Linear named '{head}' in the model: set the head module name")

@@ -156,13 +156,20 @@ def run(cfg, out_dir, progress=True):
             status = f"failed: non-finite training loss in round {t + 1} ({losses})"
             break
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{k: f"{np.mean(v):.3f}" for k, v in acc.items()})
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        torch.save({"engine": engine.state_dict(), "records": records, "wall": wall}, ckpt)
+        _atomic(metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in records)))
+        _atomic(ckpt, lambda p: torch.save({"engine": engine.state_dict(), "records": records, "wall": wall}, p))
     summary = summarize(exp, engine, records, status, wall)
     (out / "env.json").write_text(json.dumps(environment(exp.device), indent=2))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     ckpt.unlink(missing_ok=True)
     return summary
+
+
+def _atomic(path, write):
+    """Write to a temp file then rename: a run killed mid-write leaves the previous file intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def summarize(exp, engine, records, status, wall):

@@ -129,7 +129,8 @@ class SAFedLoRA(FedAvgLoRA):
                 A, B = global_state[name + ".lora_A"], global_state[name + ".lora_B"]
                 s_old = self._scale(layer, F_, stacked.rank, g_rank).to(A)
                 s_new = self._scale(layer, F_, stacked.rank, target).to(A)
-                global_state[name + ".lora_A"], global_state[name + ".lora_B"] = truncate_lora(A, B, s_old, s_new, target)
+                A, B = truncate_lora(A, B, s_old, s_new, target)
+                global_state[name + ".lora_A"], global_state[name + ".lora_B"] = A, B
         self.rank = target
         if stacked.rank != target:           # also after a resume: the model is rebuilt at the heating rank
             if self.params.alpha_over == "current_rank":

@@ -57,7 +57,7 @@ class SLoRA(Method):
 
     def _attach_sparse(self, stacked):
         for name, layer in stacked.lora.items():
-            if layer.sparse is None:            # idempotent: a resumed run re-attaches on a fresh model
+            if layer.sparse is None:            # idempotent: called every stage-1 round
                 layer.set_sparse(*self.mask(name, layer.base.weight.shape))
 
     def init_global(self, stacked, seeds):
@@ -81,6 +81,8 @@ class SLoRA(Method):
             return global_state
         if any(k.endswith(".sparse") for k in global_state):    # first stage-2 round (also after a resume)
             return self._sparse_to_lora(global_state, stacked)
+        for layer in stacked.lora.values():     # resumed in stage 2 on a fresh model: drop the unused delta
+            layer.clear_sparse()
         return global_state
 
     def _sparse_to_lora(self, global_state, stacked):
