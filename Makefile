@@ -37,7 +37,8 @@ figures: setup
 
 bench: setup
 	$(PY) -m bench.engine_throughput
-	$(PY) -m bench.dp_overhead
+	$(PY) -m bench.dp_overhead --accuracy
+	$(PY) -m bench.clip_kernel
 
 partitions: setup
 	$(PY) -m scripts.partition_report --task mnli --partition dirichlet --alpha 0.1 --clients 10

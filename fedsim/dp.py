@@ -18,9 +18,9 @@ ACCOUNTANTS = ("rdp", "prv")
 MAX_USEFUL_SIGMA = 1e3
 
 
-def _per_replica(x, R: int, device) -> torch.Tensor:
-    """A python float or a [R] tensor -> float32 [R] tensor on device."""
-    t = torch.as_tensor(x, dtype=torch.float32, device=device)
+def _per_replica(x, R: int, device, dtype=torch.float32) -> torch.Tensor:
+    """A python float or a [R] tensor -> [R] tensor on device."""
+    t = torch.as_tensor(x, dtype=dtype, device=device)
     return t.expand(R).contiguous() if t.dim() == 0 else t.reshape(R)
 
 
@@ -38,9 +38,9 @@ def clip_and_noise(grads: torch.Tensor, max_grad_norm, noise_multiplier, expecte
     assert len(noise_keys) == R, f"need one noise key per replica ({R}), got {len(noise_keys)}"
     if backend == "auto":
         backend = "triton" if grads.is_cuda else "torch"
-    C = _per_replica(max_grad_norm, R, grads.device)
-    sigma = _per_replica(noise_multiplier, R, grads.device)
-    B = _per_replica(expected_batch_size, R, grads.device)
+    C = _per_replica(max_grad_norm, R, grads.device, grads.dtype)
+    sigma = _per_replica(noise_multiplier, R, grads.device, grads.dtype)
+    B = _per_replica(expected_batch_size, R, grads.device, grads.dtype)
     if backend == "triton":
         from fedsim.triton_clip import fused_clip_and_noise  # lazy: CPU-only code never imports triton
         seeds = torch.tensor([derive_seed(*k) for k in noise_keys], dtype=torch.int64, device=grads.device)

@@ -88,7 +88,7 @@ def test_ffa_alpha_lr_invariance_vs_fedavg(make_model, sst2_small):
     ffa = engine(make_model, sst2_small, parts, {"name": "ffa_lora", "train_head": False}, alphas=alphas, lrs=lrs, b=8)
     avg = engine(make_model, sst2_small, parts, {"name": "fedavg_lora"}, alphas=alphas, lrs=lrs, b=8)
     avg_gap = 0.0
-    for _ in range(4):
+    for _ in range(3):
         ffa.run_round()
         avg.run_round()
         for d in effective_deltas(ffa).values():
