@@ -42,7 +42,13 @@ def _assert_exact_cover(parts, n, clients):
 def test_every_sample_once_and_deterministic(data, name, seed, draw):
     labels, clients = data
     params = _params(name, labels, clients, draw.draw)
-    parts = P.make_partition(name, labels, clients, seed, **params)
+    try:
+        parts = P.make_partition(name, labels, clients, seed, **params)
+    except ValueError as e:
+        # Dirichlet redraws until every client has min_samples; with about one sample per client (e.g. 7
+        # samples of one label for 7 clients) no draw does, and the documented error is the right answer.
+        assert name == "dirichlet" and "raise alpha" in str(e) and len(labels) < 4 * clients, e
+        return
     _assert_exact_cover(parts, len(labels), clients)
     again = P.make_partition(name, labels, clients, seed, **params)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
