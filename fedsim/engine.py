@@ -182,6 +182,8 @@ class FederatedEngine:
         F_ = len(self.feds)
         for name, g in self.global_state.items():          # replicas 0..F-1 hold the global models
             self.tensors[name][:F_].copy_(g)
+        for layer in self.stacked.lora.values():           # ... with their federation's LoRA scale
+            layer.scale[:F_] = layer.scale[::self.m].clone()
         st = self.stacked.state
         st.active, st.buffer = slice(0, F_), None
         out = {}
@@ -196,6 +198,8 @@ class FederatedEngine:
                     logits = self.stacked(**_trim(inputs))
                 correct += (logits.argmax(-1) == labels).view(F_, -1).sum(1).float().cpu()
             out[split] = (correct / n).tolist()
+        for layer in self.stacked.lora.values():
+            layer.scale.copy_(layer.scale[:F_].repeat_interleave(self.m))
         return out
 
 

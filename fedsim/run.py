@@ -159,6 +159,10 @@ def run(cfg, out_dir, progress=True):
         _atomic(metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in records)))
         _atomic(ckpt, lambda p: torch.save({"engine": engine.state_dict(), "records": records, "wall": wall}, p))
     summary = summarize(exp, engine, records, status, wall)
+    if status == "finished" and engine.stacked.lora:      # LoRA methods: final global adapters (small), for export
+        torch.save({"global": {k: v.cpu() for k, v in engine.global_state.items()},
+                    "lora_scale": {n: l.scale.view(len(exp.feds), -1)[:, 0].cpu() for n, l in engine.stacked.lora.items()}},
+                   out / "final_global.pt")
     (out / "env.json").write_text(json.dumps(environment(exp.device), indent=2))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     ckpt.unlink(missing_ok=True)

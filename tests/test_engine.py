@@ -81,3 +81,32 @@ def test_bad_experiment_inputs_fail_before_model_loading(tmp_path):
                                           "partition": {"name": "iid"}}))
     with pytest.raises(ValueError, match="match no nn.Linear"):     # checked before any tokenization
         Experiment(load_config(overrides={"lora.targets": ["qkv"], "num_hidden_layers": 1})).build()
+
+
+def test_evaluate_uses_each_federations_lora_scale(make_model, sst2_small):
+    """Federations that differ only in LoRA alpha share a pass; each is evaluated with its own scale."""
+    from fedsim.engine import Federation, FederatedEngine
+    from methods import make_method
+    parts = iid(sst2_small["labels"].numpy(), 2, seed=0)
+    method = make_method({"name": "fedavg_lora"}, {"rank": 4, "alpha": 8.0, "targets": ["query", "value"]})
+    feds = [Federation(seed=0, lr=0.1, lora_alpha=a, partitions=parts) for a in (1.0, 64.0)]
+    eng = FederatedEngine(method.build_stacked(make_model(), 4), method, sst2_small, feds, local_steps=1,
+                          batch_size=4, client_fraction=1.0, optimizer=SGD, device=torch.device("cpu"))
+    eng.run_round()
+    scales = [layer.scale.clone() for layer in eng.stacked.lora.values()]
+    evalset = {k: v[:24] for k, v in sst2_small.items()}
+    eng.eval_sets, eng.eval_batch_size = {"validation": evalset}, 24
+    eng.evaluate()
+    for layer, before in zip(eng.stacked.lora.values(), scales):
+        assert torch.equal(layer.scale, before)                  # training scales restored afterwards
+    # federation 1 evaluated through replica 1 must use alpha 64 / r: compare with a direct forward on replica 2
+    st = eng.stacked.state
+    with torch.no_grad():
+        for name, g in eng.global_state.items():
+            eng.tensors[name][2].copy_(g[1])
+        st.active = slice(2, 3)
+        direct = eng.stacked(**{k: v for k, v in evalset.items() if k != "labels"})
+    acc1 = (direct.argmax(-1) == evalset["labels"]).float().mean().item()
+    eng.eval_sets = {"validation": evalset}
+    assert eng.evaluate()["validation"][1] == pytest.approx(acc1)
+    assert scales[0][0].item() == pytest.approx(1.0 / 4) and scales[0][2].item() == pytest.approx(64.0 / 4)

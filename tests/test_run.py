@@ -25,7 +25,7 @@ def test_run_writes_results_and_provenance(tmp_path):
     cfg = load_config(overrides=dict(SMOKE, **{"dp.epsilon": 3.0}))
     summary = run(cfg, tmp_path / "r", progress=False)
     files = {p.name for p in (tmp_path / "r").iterdir()}
-    assert files == {"config.yaml", "metrics.jsonl", "summary.json", "env.json"}
+    assert files == {"config.yaml", "metrics.jsonl", "summary.json", "env.json", "final_global.pt"}
     env = json.loads((tmp_path / "r" / "env.json").read_text())
     assert env["git_commit"] and "torch" in env["libraries"] and env["device"] == "cpu"
     assert summary["status"] == "finished" and len(summary["federations"]) == 2

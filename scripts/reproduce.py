@@ -1,0 +1,315 @@
+"""Regenerate every experiment family, then every table and figure.
+
+    python -m scripts.reproduce [--profile smoke|quick|paper] [--only FAMILY ...] [--results DIR]
+
+A family is one YAML file in configs/ (every file with a `family:` key) holding one section per profile:
+`paper` (the papers' scale, for a GPU), `quick` (a CPU in <= 45 minutes, smaller model and data, labeled
+as such in every output) and `smoke` (seconds per family, for the tests). A profile section expands into
+runs: `base` (fedsim config keys, as in fedsim/config.py DEFAULTS) x the cartesian product of `axes`
+(each value sets config keys and gives the run a label), then `task_overrides` for the run's task, then
+every `when` rule whose `match` ({axis: label or [labels]}) fits the run; `exclude` drops combinations. Seeds
+and sweeps (optimizer.lr, lora.alpha, dp.epsilon) are federations inside one run, not separate runs.
+
+Each run goes to <results>/<family>/<profile>/<run-name>/ through fedsim.run.run: a finished run is
+skipped, a killed one resumes. Every run directory also gets run.json (family, profile, axis labels,
+notes) for the figures step. A run that raises is recorded as failed (summary.json with status
+"failed: ...") and the sweep goes on; a non-finite loss is recorded as failed by fedsim.run itself.
+Failed runs are skipped on the next call unless --retry-failed is given. A run whose config equals a
+finished run of another family (e.g. rank r=8 = the ffa_table run) is copied from it, not rerun
+(run.json says `copied_from`). A finished run whose saved config differs from configs/ is reported as
+stale and left alone.
+
+Profile: --profile, else $PROFILE, else `paper` when CUDA is available and `quick` otherwise.
+Results root: --results, else $FEDSIM_RESULTS, else results/.
+"""
+import argparse
+import copy
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+from fedsim import config as C
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "configs"
+PROFILES = ("smoke", "quick", "paper")
+FAMILIES = ("ffa_table", "heterogeneity", "alpha", "rank", "slora", "communication")
+
+
+# ----------------------------------------------------------------------------- profiles and paths
+
+def detect_profile(explicit=None):
+    """--profile, else $PROFILE, else paper with CUDA and quick without."""
+    if explicit:
+        return explicit
+    env = os.environ.get("PROFILE", "").strip()
+    if env:
+        if env not in PROFILES:
+            raise ValueError(f"PROFILE={env!r}: valid profiles are {list(PROFILES)}")
+        return env
+    try:
+        import torch
+        return "paper" if torch.cuda.is_available() else "quick"
+    except ImportError:
+        return "quick"
+
+
+def results_root(explicit=None):
+    return Path(explicit or os.environ.get("FEDSIM_RESULTS") or REPO / "results")
+
+
+def load_families(config_dir=CONFIG_DIR):
+    """{family name: parsed YAML} for every configs/*.yaml with a `family:` key, in FAMILIES order."""
+    fams = {}
+    for path in sorted(Path(config_dir).glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text()) or {}
+        if isinstance(doc, dict) and "family" in doc:
+            doc["_path"] = str(path)
+            fams[doc["family"]] = doc
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    return dict(sorted(fams.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+# ----------------------------------------------------------------------------- expansion
+
+def _deep_update(dst, src):
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict) and k not in ("sweep",):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+    return dst
+
+
+def _axis_values(axis):
+    """[(label, overrides)] of one axis. A value is a scalar (sets `key`; `method` sets method.name) or
+    {label: ..., set: {...}}."""
+    out = []
+    for v in axis["values"]:
+        if isinstance(v, dict):
+            out.append((str(v["label"]), v.get("set", {})))
+        elif axis.get("key") == "method":
+            out.append((str(v), {"method": {"name": v}}))
+        else:
+            out.append((str(v), {axis["key"]: v}))
+    return out
+
+
+def build_config(*layers):
+    """DEFAULTS merged with override layers (nested dicts, dotted keys allowed), then validated."""
+    cfg = copy.deepcopy(C.DEFAULTS)
+    for layer in layers:
+        C._merge(cfg, copy.deepcopy(layer))
+    return C.validate(cfg)
+
+
+def expand(family_doc, profile):
+    """The runs of one family and profile: [{name, labels, overrides, notes}] (configs not yet built)."""
+    if profile not in family_doc.get("profiles", {}):
+        raise ValueError(f"family {family_doc['family']} has no profile {profile!r} in {family_doc.get('_path')}")
+    prof = family_doc["profiles"][profile]
+    if "runs_from" in prof:          # a view over another family's runs (e.g. communication)
+        return []
+    axes = prof.get("axes", [])
+    names = [a["name"] for a in axes]
+    runs = []
+    for combo in itertools.product(*[_axis_values(a) for a in axes]):
+        labels = {n: lab for n, (lab, _) in zip(names, combo)}
+        over = _deep_update({}, prof.get("base", {}))
+        for _, o in combo:
+            over = _deep_update(over, o)
+        task = over.get("task", C.DEFAULTS["task"])
+        over = _deep_update(over, prof.get("task_overrides", {}).get(task, {}))
+        for rule in prof.get("when", []):                # e.g. a method's own learning rate
+            if all(labels.get(k) in [str(x) for x in (v if isinstance(v, list) else [v])]
+                   for k, v in rule["match"].items()):
+                over = _deep_update(over, rule["set"])
+        for rule in prof.get("exclude", []):             # combinations that make no sense
+            if all(labels.get(k) == str(v) for k, v in rule.items()):
+                break
+        else:
+            runs.append(dict(name="-".join(labels[n] for n in names), labels=labels, overrides=over,
+                             notes=list(prof.get("notes", []))))
+    return runs
+
+
+def required(family_doc, profile, families):
+    """Runs of other families this family's figures read ({family: [run names]})."""
+    prof = family_doc["profiles"].get(profile, {})
+    out = {}
+    for req in ([prof["runs_from"]] if "runs_from" in prof else []) + prof.get("requires", []):
+        fam = req["family"]
+        where = req.get("where", {})
+        runs = [r for r in expand(families[fam], profile)
+                if all(r["labels"].get(k) in [str(x) for x in (v if isinstance(v, list) else [v])]
+                       for k, v in where.items())]
+        out.setdefault(fam, []).extend(r["name"] for r in runs)
+    return out
+
+
+# ----------------------------------------------------------------------------- running
+
+def _atomic_write(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_one(family, profile, spec, root, retry_failed=False, runner=None, progress=True):
+    """Run (or skip) one run; never raises for a failing run. Returns (status, seconds)."""
+    from fedsim.run import run as fedsim_run
+    runner = runner or fedsim_run
+    out = Path(root) / family / profile / spec["name"]
+    summary_path = out / "summary.json"
+    t0 = time.perf_counter()
+    meta = dict(family=family, profile=profile, name=spec["name"], labels=spec["labels"], notes=spec["notes"])
+    if summary_path.exists():
+        status = json.loads(summary_path.read_text()).get("status", "?")
+        if (out / "config.yaml").exists() and yaml.safe_load((out / "config.yaml").read_text()) != \
+                build_config(spec["overrides"]):
+            return (f"stale: {out} was made with a different config (configs/ changed since); delete it to "
+                    f"rerun", 0.0)
+        if status == "finished" or not retry_failed:
+            return status, 0.0
+        summary_path.unlink()                     # retry: a checkpoint, if any, resumes the run
+    try:
+        cfg = build_config(spec["overrides"])
+        if (out / "config.yaml").exists():
+            old = yaml.safe_load((out / "config.yaml").read_text())
+            if old != cfg:
+                raise RuntimeError(f"{out} holds a run of a different config (configs/ changed since); "
+                                   f"delete that directory to rerun it")
+        out.mkdir(parents=True, exist_ok=True)
+        twin = find_twin(root, profile, cfg, out)
+        if twin is not None:                      # the same experiment in another family: reuse, don't rerun
+            meta["copied_from"] = twin.relative_to(Path(root)).as_posix()
+            _atomic_write(out / "run.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            for f in TWIN_FILES:
+                if (twin / f).exists():
+                    shutil.copyfile(twin / f, out / f)
+            shutil.copyfile(twin / "summary.json", out / "summary.json")       # last: marks it finished
+            return "finished", time.perf_counter() - t0
+        _atomic_write(out / "run.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if not (out / "partitions.csv").exists():
+            _atomic_write(out / "partitions.csv", partition_csv(cfg))
+        summary = runner(cfg, out, progress=progress)
+        status = summary.get("status", "?")
+    except Exception as e:                      # record and go on; KeyboardInterrupt still stops the sweep
+        status = f"failed: {type(e).__name__}: {e}"
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "run.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        fail = dict(status=status, task=spec["overrides"].get("task"),
+                    method=spec["overrides"].get("method", {}).get("name"), federations=[],
+                    error=traceback.format_exc(limit=8)[-4000:])
+        _atomic_write(summary_path, json.dumps(fail, indent=2) + "\n")
+        print(f"  FAILED {family}/{spec['name']}: {status}", file=sys.stderr, flush=True)
+    return status, time.perf_counter() - t0
+
+
+TWIN_FILES = ("config.yaml", "metrics.jsonl", "env.json", "final_global.pt", "partitions.csv")
+
+
+def find_twin(root, profile, cfg, exclude):
+    """A finished run of this profile (any family) with exactly this config, or None."""
+    for cy in sorted(Path(root).glob(f"*/{profile}/*/config.yaml")):
+        d = cy.parent
+        if d == exclude or not (d / "summary.json").exists():
+            continue
+        try:
+            if json.loads((d / "summary.json").read_text()).get("status") == "finished" and \
+                    yaml.safe_load(cy.read_text()) == cfg:
+                return d
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+    return None
+
+
+def partition_csv(cfg):
+    """Per-client label counts of every federation's split (long CSV: seed, client, size, labels...)."""
+    import pandas as pd
+
+    from fedsim.tasks import get_task, load_labels
+    from partitions import make_partition, partition_table
+    task = get_task(cfg["task"])
+    labels = load_labels(task, data_dir=cfg["data_dir"], subsample=cfg["train_subsample"])
+    pcfg = dict(cfg["partition"])
+    name = pcfg.pop("name")
+    tables = []
+    for seed in cfg["seeds"]:
+        t = partition_table(make_partition(name, labels, cfg["num_clients"], seed, **pcfg), labels,
+                            list(task.label_names)).reset_index()
+        t.insert(0, "seed", seed)
+        tables.append(t)
+    return pd.concat(tables).to_csv(index=False, lineterminator="\n")
+
+
+def plan(families, profile, only=None):
+    """[(family, spec)] in order, other families' required runs first, without duplicates."""
+    chosen = [f for f in families if not only or f in only]
+    unknown = sorted(set(only or []) - set(families))
+    if unknown:
+        raise ValueError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; valid: {list(families)}")
+    todo, seen = [], set()
+    for fam in chosen:
+        for dep, names in required(families[fam], profile, families).items():
+            for spec in expand(families[dep], profile):
+                if spec["name"] in names and (dep, spec["name"]) not in seen:
+                    seen.add((dep, spec["name"]))
+                    todo.append((dep, spec))
+        for spec in expand(families[fam], profile):
+            if (fam, spec["name"]) not in seen:
+                seen.add((fam, spec["name"]))
+                todo.append((fam, spec))
+    return chosen, todo
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=PROFILES, help="default: $PROFILE, else paper with CUDA, else quick")
+    ap.add_argument("--only", nargs="+", metavar="FAMILY", help="run only these families (and the runs they read)")
+    ap.add_argument("--results", help="results root (default: $FEDSIM_RESULTS or results/)")
+    ap.add_argument("--configs", default=str(CONFIG_DIR), help="directory of family YAML files")
+    ap.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    ap.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
+    ap.add_argument("--no-figures", action="store_true", help="skip the figures step")
+    args = ap.parse_args(argv)
+    profile = detect_profile(args.profile)
+    root = results_root(args.results)
+    families = load_families(args.configs)
+    try:
+        chosen, todo = plan(families, profile, args.only)
+        for _, spec in todo:                        # every config is checked before any compute
+            build_config(spec["overrides"])
+    except ValueError as e:
+        sys.exit(f"reproduce: {e}")
+    print(f"profile {profile}: {len(todo)} runs in families {chosen} -> {root}", flush=True)
+    if args.dry_run:
+        for fam, spec in todo:
+            print(f"  {fam}/{profile}/{spec['name']}")
+        return 0
+    t_all = time.perf_counter()
+    failed = []
+    for i, (fam, spec) in enumerate(todo, 1):
+        status, secs = run_one(fam, profile, spec, root, retry_failed=args.retry_failed,
+                               progress=sys.stderr.isatty())
+        print(f"[{i}/{len(todo)}] {fam}/{spec['name']}: {status} ({secs:.0f} s)", flush=True)
+        if status != "finished":
+            failed.append((fam, spec["name"], status))
+    print(f"runs done in {time.perf_counter() - t_all:.0f} s; {len(failed)} not finished", flush=True)
+    for fam, name, status in failed:
+        print(f"  {fam}/{name}: {status}", flush=True)
+    if not args.no_figures:
+        from scripts import figures
+        figures.main(["--results", str(root), "--profile", profile, "--configs", args.configs])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

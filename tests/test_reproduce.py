@@ -1,0 +1,129 @@
+"""make reproduce end to end on the smoke profile: runs, a failing run recorded and skipped over, tables,
+figures and README written, figures rebuilt byte for byte; a run's adapter exported to peft gives the
+engine's logits."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts import figures, reproduce
+
+FAILING = "sst2-ffa_lora-dp"
+
+
+def _outputs(root):
+    """Every file the figures step writes: {relative path: bytes}."""
+    root = Path(root)
+    files = [root / "README.md"]
+    for sub in ("tables", "figures"):
+        files += sorted(root.glob(f"*/smoke/{sub}/*"))
+    files += sorted((root / "partitions" / "smoke").glob("*"))
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in files}
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    import fedsim.run
+    root = tmp_path_factory.mktemp("results")
+    real = fedsim.run.run
+
+    def flaky(cfg, out_dir, progress=True):
+        if Path(out_dir).name == FAILING:
+            raise RuntimeError("boom (injected by the test)")
+        return real(cfg, out_dir, progress=False)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fedsim.run, "run", flaky)
+    try:
+        assert reproduce.main(["--profile", "smoke", "--results", str(root), "--only", "ffa_table",
+                               "communication"]) == 0
+    finally:
+        mp.undo()
+    return root
+
+
+def test_smoke_reproduce_writes_runs_tables_figures_readme(smoke_results):
+    root = smoke_results
+    failed = json.loads((root / "ffa_table" / "smoke" / FAILING / "summary.json").read_text())
+    assert failed["status"].startswith("failed: RuntimeError: boom") and "Traceback" in failed["error"]
+    finished = [p for p in root.glob("*/smoke/*/summary.json") if p.parent.name != FAILING]
+    assert len(finished) == 3 + 3              # the other ffa_table runs + heterogeneity at iid, 3 methods
+    for p in finished:
+        s = json.loads(p.read_text())
+        assert s["status"] == "finished", (p, s["status"])
+        for f in ("config.yaml", "metrics.jsonl", "env.json", "run.json", "partitions.csv"):
+            assert (p.parent / f).exists(), (p.parent, f)
+    for ext in ("md", "csv", "tex"):
+        assert (root / "ffa_table" / "smoke" / "tables" / f"accuracy.{ext}").exists()
+        assert (root / "communication" / "smoke" / "tables" / f"bytes_to_target.{ext}").exists()
+    for ext in ("png", "pdf"):
+        assert (root / "ffa_table" / "smoke" / "figures" / f"accuracy_vs_privacy.{ext}").exists()
+        assert (root / "communication" / "smoke" / "figures" / f"accuracy_vs_upload_sst2_iid.{ext}").exists()
+    assert list((root / "partitions" / "smoke").glob("*.png"))
+    readme = (root / "README.md").read_text()
+    for text in ("## ffa_table", "## communication", "Seed-paper claims", "SA-FedLoRA", "FFA-LoRA",
+                 "SMOKE PROFILE", f"run `{FAILING}`: failed", "How this differs from the papers"):
+        assert text in readme, text
+    assert "ε=6" in (root / "ffa_table" / "smoke" / "tables" / "accuracy.md").read_text()
+
+
+def test_figures_rebuild_identically_and_finished_runs_are_skipped(smoke_results, monkeypatch):
+    root = smoke_results
+    before = _outputs(root)
+    assert len(before) > 10
+    figures.main(["--results", str(root)])          # the only profile present: smoke
+    assert _outputs(root) == before
+    import fedsim.run
+
+    def never(*a, **k):
+        raise AssertionError("a finished or recorded-failed run was run again")
+    monkeypatch.setattr(fedsim.run, "run", never)
+    reproduce.main(["--profile", "smoke", "--results", str(root), "--only", "ffa_table", "--no-figures"])
+    s = json.loads((root / "ffa_table" / "smoke" / FAILING / "summary.json").read_text())
+    assert s["status"].startswith("failed")
+
+
+@pytest.mark.parametrize("run_name,federation", [("sst2-iid-fedavg_lora", 1), ("sst2-iid-sa_fedlora", 0)])
+def test_peft_export_matches_engine_logits(smoke_results, tmp_path, run_name, federation):
+    import yaml
+    from peft import PeftModel
+
+    from fedsim.models import load_backbone
+    from fedsim.stacked import StackedModel
+    from scripts.export_peft import export_peft, load_final_global
+
+    run_dir = smoke_results / "heterogeneity" / "smoke" / run_name
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    out = export_peft(run_dir, tmp_path / "adapter", federation=federation)
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    from safetensors.torch import load_file
+    keys = set(load_file(out / "adapter_model.safetensors"))
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in keys
+    assert any(k.startswith("base_model.model.classifier") and k.endswith("weight") for k in keys)
+
+    kw = dict(num_labels=2, num_hidden_layers=cfg["num_hidden_layers"])
+    base, tok = load_backbone(cfg["model"], seed=123, **kw)          # a different head: peft must restore it
+    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    batch = tok(["a gripping, funny and moving film", "dull and far too long", "it is what it is"],
+                padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = peft_model(**batch).logits
+
+    state = load_final_global(run_dir)
+    glob = state["global"]
+    rank = next(v for k, v in glob.items() if k.endswith(".lora_A")).shape[1]
+    model, _ = load_backbone(cfg["model"], seed=0, **kw)
+    stacked = StackedModel(model, 1, rank, tuple(cfg["lora"]["targets"]))
+    tensors = stacked.tensors()
+    with torch.no_grad():
+        for name, t in glob.items():
+            tensors[name][0].copy_(t[federation])
+        for name, layer in stacked.lora.items():
+            layer.scale.fill_(float(state["lora_scale"][name][federation]))
+    stacked.state.active = slice(0, 1)
+    with torch.no_grad():
+        want = stacked(**batch)
+    assert got.shape == want.shape == (3, 2)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert not torch.allclose(want[0], want[1])       # a trained, input-dependent model, not a constant
