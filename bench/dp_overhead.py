@@ -84,11 +84,12 @@ def main(argv=None):
     data = synthetic(R * n, args.seq)
     parts = [np.arange(i * n, (i + 1) * n) for i in range(R)]
     q, sigma, C = b / n, 1.0, 1.0
-    # 1. same physical shapes: the private engine's padded Poisson batch has max_batch = b rows, like the
-    #    non-private one (q chosen so the expected batch is b/2, which overflows b with negligible probability).
-    t_plain = timed_round(engine_for(make_model, data, [parts], [0], K, b, args.rank, device))
-    dp_same = DPSetup(max_grad_norm=C, sample_rate=q / 2, max_batch=b)
-    t_dp_same = timed_round(engine_for(make_model, data, [parts], [0], K, b, args.rank, device, dp=dp_same, sigma=sigma))
+    # 1. same physical shapes: clients of exactly b samples and q = 1, so every private step holds the same
+    #    b rows as a non-private step (no padding slots, nothing trimmed); only per-sample grads + clip + noise differ.
+    whole = [p[:b] for p in parts]
+    t_plain = timed_round(engine_for(make_model, data, [whole], [0], K, b, args.rank, device))
+    dp_same = DPSetup(max_grad_norm=C, sample_rate=1.0, max_batch=b)
+    t_dp_same = timed_round(engine_for(make_model, data, [whole], [0], K, b, args.rank, device, dp=dp_same, sigma=sigma))
     # 2. engine DP round vs the Opacus loop doing the same DP work (same q, K, sigma, C, clients)
     dp = DPSetup(max_grad_norm=C, sample_rate=q, max_batch=max_poisson_batch(b, 5.0))
     eng = engine_for(make_model, data, [parts], [0], K, b, args.rank, device, dp=dp, sigma=sigma)

@@ -120,6 +120,9 @@ class FederatedEngine:
 
     def _local_step(self, t, s, rs, rows, mask, client_ids, trainable, opt):
         st = self.stacked.state
+        if self.dp is not None:   # drop padding slots no replica of this chunk uses (real samples come first)
+            keep = max(1, int(mask.sum(1).max()))
+            rows, mask = rows[:, :keep], mask[:, :keep]
         Rc, b = rows.shape
         st.active, st.batch_size = rs, b
         per_sample = self.dp is not None
