@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.engine_throughput import synthetic
+from bench.engine_throughput import model_factory, synthetic
 from bench.opacus_loop import run_opacus_clients
 from fedsim.autochunk import choose_replica_chunk
 from fedsim.dp import max_poisson_batch, noise_multiplier_for
 from fedsim.engine import DPSetup, Federation, FederatedEngine
-from fedsim.models import load_backbone
 from fedsim.reference import ReferenceConfig, build_model
 from fedsim.run import environment
 from fedsim.stacked import StackedModel
@@ -71,13 +70,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(OUT / "dp_overhead.json"))
     args = ap.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
-    base, tok = load_backbone("all-MiniLM-L6-v2", num_labels=2, num_hidden_layers=args.layers)
-    state = {k: v.clone() for k, v in base.state_dict().items()}
-
-    def make_model():
-        m, _ = load_backbone("all-MiniLM-L6-v2", num_labels=2, num_hidden_layers=args.layers)
-        m.load_state_dict(state)
-        return m.to(device).eval()
+    make_model, tok = model_factory(args.layers, device)
 
     R, b, K = args.clients, args.batch, args.steps
     n = 8 * b                                          # client size; q = b / n

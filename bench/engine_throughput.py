@@ -37,6 +37,12 @@ def synthetic(n, T, vocab=30522, labels=2, seed=0):
             "labels": torch.randint(0, labels, (n,), generator=g)}
 
 
+def model_factory(layers, device):
+    """(make_model, tokenizer): fresh MiniLM classifiers, identical across calls (load_backbone seeds the head)."""
+    _, tok = load_backbone("all-MiniLM-L6-v2", num_labels=2, num_hidden_layers=layers)
+    return lambda: load_backbone("all-MiniLM-L6-v2", num_labels=2, num_hidden_layers=layers)[0].to(device).eval(), tok
+
+
 def time_engine(make_model, data, parts, R, K, b, rank, device, chunk=None):
     method = make_method({"name": "fedavg_lora"}, {"rank": rank, "alpha": 2 * rank, "targets": ["query", "value"]})
     feds = [Federation(seed=0, lr=1e-3, lora_alpha=2 * rank, partitions=parts)]
@@ -90,13 +96,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(OUT / "engine_throughput"))
     args = ap.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
-    base, _ = load_backbone("all-MiniLM-L6-v2", num_labels=2, num_hidden_layers=args.layers)
-    state = {k: v.clone() for k, v in base.state_dict().items()}
-
-    def make_model():
-        m, _ = load_backbone("all-MiniLM-L6-v2", num_labels=2, num_hidden_layers=args.layers)
-        m.load_state_dict(state)
-        return m.to(device).eval()
+    make_model, _ = model_factory(args.layers, device)
 
     rows, ref_per_client = [], None
     for R in args.replicas:
