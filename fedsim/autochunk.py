@@ -34,7 +34,7 @@ def candidates(R):
 
 
 def choose_replica_chunk(engine, seq_len, repeats=2, cache=CACHE):
-    """Set engine.chunk to the fastest chunk size (samples/s) measured on round-0 batches; returns it.
+    """Set engine.chunk to the fastest chunk size (real samples/s) measured on round-0 batches; returns it.
 
     Timing runs real local steps with a throwaway optimizer; the next round's broadcast overwrites
     whatever they changed, so results are unaffected."""
@@ -62,9 +62,10 @@ def choose_replica_chunk(engine, seq_len, repeats=2, cache=CACHE):
             engine._local_step(0, 0, rs, rows[rs, 0], masks[rs, 0], ids[rs], trainable, opt)
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
-        rates[c] = c * repeats / (time.perf_counter() - t0)
+        # real samples, not replicas: Poisson batches differ in size from replica to replica
+        rates[c] = int(masks[rs, 0].sum()) * repeats / (time.perf_counter() - t0)
     best = max(rates, key=rates.get)
-    table[key] = {"chunk": best, "replicas_per_s": {str(k): round(v, 2) for k, v in rates.items()}}
+    table[key] = {"chunk": best, "samples_per_s": {str(k): round(v, 2) for k, v in rates.items()}}
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(table, indent=1))

@@ -125,20 +125,24 @@ class FederatedEngine:
             rows, mask = rows[:, :keep], mask[:, :keep]
         Rc, b = rows.shape
         st.active, st.batch_size = rs, b
+        st.pack(mask.to(self.device))                  # ragged Poisson batches: the backbone runs real rows only
+        run_rows = rows.reshape(-1) if st.slots is None else rows.reshape(-1)[mask.reshape(-1)]
+        mask = mask.to(self.device)
         per_sample = self.dp is not None
         specs = [(n, tuple(self.tensors[n].shape[1:])) for n in trainable]
         st.buffer = GradBuffer(specs, Rc, b, per_sample, self.device, self.dtype)
-        inputs, labels = _index_rows(self.train, rows.reshape(-1), self.device)
+        inputs, labels = _index_rows(self.train, run_rows, self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_is_cuda(self.device)):
             logits = self.stacked(**_trim(inputs))
-        ce = F.cross_entropy(logits.to(self.dtype), labels, reduction="none").view(Rc, b)  # bf16 logits -> fp32
-        mask = mask.to(self.device)
+        ce = F.cross_entropy(logits.to(self.dtype), labels, reduction="none")   # bf16 logits -> fp32
+        ce = st.pad(ce).view(Rc, b)                                              # 0 in empty slots
         if per_sample:   # sum of per-sample losses: the per-sample gradients are those of each sample's loss
             loss = (ce * mask).sum()
         else:
             loss = ce.mean(1).sum()
         loss.backward()
         buf, st.buffer = st.buffer, None
+        st.pack(None)
         if per_sample:
             from fedsim.dp import clip_and_noise
             expected = torch.tensor([self.dp.sample_rate * len(self.feds[i].partitions[c]) for i, c in client_ids],

@@ -79,7 +79,9 @@ class FullStackedModel(nn.Module):
         st = self.state
         tensors = self.tensors()
         Rc = tensors[self.names[0]][st.active].shape[0]
-        inputs = {k: v.reshape(Rc, -1, *v.shape[1:]) for k, v in batch.items()}   # replica-major rows
+        # packed rows go back to the padded layout (vmap needs equal batches); empty slots are all-masked
+        # zero rows whose logits are dropped by unpad, so they get exactly zero gradient
+        inputs = {k: st.pad(v).reshape(Rc, -1, *v.shape[1:]) for k, v in batch.items()}   # replica-major rows
         dtype = tensors[self.names[0]].dtype
         if "attention_mask" in inputs:
             inputs["attention_mask"] = _additive_mask(inputs["attention_mask"], dtype)
@@ -107,4 +109,4 @@ class FullStackedModel(nn.Module):
             logits = vmap(vmap(one, in_dims=(sample_dims, 0)))(params, inputs)
         else:
             logits = vmap(run)(params, inputs)
-        return logits.reshape(-1, logits.shape[-1])
+        return st.unpad(logits.reshape(-1, logits.shape[-1]))

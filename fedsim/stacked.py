@@ -52,12 +52,39 @@ class GradBuffer:
 
 
 class _StackedState:
-    """Shared by all stacked layers of one model: the active replica chunk, the grad buffer, batch size."""
+    """Shared by all stacked layers of one model: the active replica chunk, the grad buffer, batch size,
+    and the packing of a ragged batch.
+
+    A pass normally runs Rc*b replica-major rows. When replicas hold fewer real samples than b (Poisson
+    batches), the pass runs only the N real rows ("packed"): the frozen backbone, the bulk of the compute,
+    never sees a padding slot. `slots` [N] gives each packed row's position among the Rc*b replica-major
+    slots; stacked layers `pad` their input to that layout for the per-replica part (zeros in empty
+    slots, so those contribute exactly zero gradient) and `unpad` its output back.
+    """
 
     def __init__(self):
         self.active = slice(None)
         self.buffer = None
         self.batch_size = None
+        self.slots = None
+        self.num_slots = None
+
+    def pack(self, mask):
+        """Run only the rows where mask [Rc, b] is True (None, all or none True: every row)."""
+        if mask is None or bool(mask.all()) or not bool(mask.any()):   # an empty pass would have no rows at all
+            self.slots = self.num_slots = None
+        else:
+            self.slots, self.num_slots = mask.reshape(-1).nonzero().squeeze(1), mask.numel()
+
+    def pad(self, x):
+        """Packed rows [N, ...] -> replica-major rows [Rc*b, ...], zeros in empty slots."""
+        if self.slots is None:
+            return x
+        return x.new_zeros(self.num_slots, *x.shape[1:]).index_copy(0, self.slots, x)
+
+    def unpad(self, y):
+        """Replica-major rows [Rc*b, ...] -> the packed rows [N, ...]."""
+        return y if self.slots is None else y.index_select(0, self.slots)
 
 
 class _LoRADelta(torch.autograd.Function):
@@ -154,15 +181,15 @@ class StackedLoRALinear(nn.Module):
         self.sparse = self.sparse_rows = self.sparse_cols = None
 
     def forward(self, x):
-        h = self.base(x)
-        sl = self.state.active
-        A, B, scale = self.A[sl], self.B[sl], self.scale[sl]
+        h = self.base(x)                                            # packed rows: no padding slot computed
+        st = self.state
+        A, B, scale = self.A[st.active], self.B[st.active], self.scale[st.active]
         R = A.shape[0]
-        xr = x.reshape(R, -1, x.shape[-1]).to(A.dtype)              # replica-major rows -> [Rc, b*T, in]
+        xr = st.pad(x.to(A.dtype)).reshape(R, -1, x.shape[-1])     # replica-major rows -> [Rc, b*T, in]
         delta = _LoRADelta.apply(xr, A, B, scale, self)
         if self.sparse is not None:
-            delta = delta + _SparseDelta.apply(xr, self.sparse[sl], self.sparse_rows, self.sparse_cols, self)
-        return h + delta.reshape(h.shape).to(h.dtype)
+            delta = delta + _SparseDelta.apply(xr, self.sparse[st.active], self.sparse_rows, self.sparse_cols, self)
+        return h + st.unpad(delta.reshape(-1, *h.shape[1:])).to(h.dtype)
 
 
 class _StackedAffine(torch.autograd.Function):
@@ -206,12 +233,12 @@ class StackedLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().expand(num_replicas, -1).clone(), requires_grad=False)
 
     def forward(self, x):
-        sl = self.state.active
-        W, bias = self.weight[sl], self.bias[sl]
+        st = self.state
+        W, bias = self.weight[st.active], self.bias[st.active]
         R = W.shape[0]
-        xr = x.reshape(R, -1, x.shape[-1]).to(W.dtype)
+        xr = st.pad(x.to(W.dtype)).reshape(R, -1, x.shape[-1])
         y = _StackedAffine.apply(xr, W, bias, self)
-        return y.reshape(*x.shape[:-1], W.shape[1])
+        return st.unpad(y.reshape(-1, *x.shape[1:-1], W.shape[1]))
 
 
 def _set_module(model, name, module):
