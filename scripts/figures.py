@@ -374,7 +374,8 @@ def family_heterogeneity(w, runs, ctx):
                 continue
             f, s = f.iloc[0], s.iloc[0]
             gap_rows.append(dict(partition=nm, key=p, gap=f["mean"] - s["mean"], spread=max(f["std"], s["std"]),
-                                 within_spread=within_spread(f["mean"], f["std"], s["mean"], s["std"])))
+                                 within_spread=within_spread(f["mean"], f["std"], s["mean"], s["std"]),
+                                 fft_learned=learned(f["mean"], chance)))
         if gap_rows:
             g = pd.DataFrame(gap_rows)
             disp = pd.DataFrame({"partition": g["partition"],
@@ -417,7 +418,9 @@ def family_alpha(w, runs, ctx):
                                 std=c.loc[al, "std"], n=c.loc[al, "n"]))
             rng = c["mean"].max() - c["mean"].min()
             row["range (max−min)"] = f"{100 * rng:.1f}"
-            ranges.append(dict(task=task, privacy=priv, method=method, range=rng, mean_std=c["std"].mean()))
+            ranges.append(dict(task=task, privacy=priv, method=method, range=rng, mean_std=c["std"].mean(),
+                               learned_cells=int(sum(learned(m, 1.0 / num_labels(task)) for m in c["mean"])),
+                               cells=len(alphas)))
             disp_rows.append(row)
     w.table("accuracy", pd.DataFrame(disp_rows).set_index(["task", "privacy", "method"]), pd.DataFrame(raw),
             "Final accuracy (%) vs LoRA scaling α (scale α/r), mean ± std over seeds; range = max − min of the means.")
@@ -627,6 +630,7 @@ def family_communication(w, runs, ctx, prof):
                                  "reduction vs FFT (total)": "-" if red_total != red_total else f"{100 * red_total:.2f}%"})
                 raw_all.append(dict(task=task, partition=part, method=method, acc_mean=c["mean"], acc_std=c["std"],
                                     n=c["n"], delta_acc_vs_fft=dacc, comparable=comparable, upload_total_MB=total,
+                                    fft_learned=fftc is not None and learned(fftc["mean"], 1.0 / num_labels(task)),
                                     target_acc=target, MB_to_target=mb_t, seeds_reaching_target=reached,
                                     reduction_to_target=red_t, reduction_total=red_total))
             fig, ax = plt.subplots(figsize=(5.6, 3.6))
@@ -701,10 +705,15 @@ def claims(ctx):
             f, v = f.iloc[0], v.iloc[0]
             s = max(f["mean_std"], v["mean_std"])
             parts.append(f"{task} {priv}: accuracy range over α FFA {100 * f['range']:.1f} vs FedAvg "
-                         f"{100 * v['range']:.1f} points (mean seed std {100 * s:.1f})")
-            verdicts.append(_v(f["range"] + s < v["range"], f["range"] > v["range"] + s))
+                         f"{100 * v['range']:.1f} points (mean seed std {100 * s:.1f}); above chance at "
+                         f"{f['learned_cells']}/{f['cells']} (FFA) and {v['learned_cells']}/{v['cells']} (FedAvg) α values")
+            # a method at chance at most α values has a small range because it hardly learns, not because
+            # it is insensitive: no verdict then
+            dead = min(f["learned_cells"], v["learned_cells"]) * 2 <= f["cells"]
+            verdicts.append("inconclusive" if dead else _v(f["range"] + s < v["range"], f["range"] > v["range"] + s))
         out.append(("FFA-LoRA", "insensitive to the LoRA scaling α (FedAvg-LoRA is not)", "alpha",
-                    _combine(verdicts), "; ".join(parts)))
+                    _combine(verdicts), "; ".join(parts) + " (inconclusive when a method is above chance at no more "
+                                                           "than half of the α values)"))
     sl = ctx.get("slora")
     if sl is not None and sl["fft"] is not None:
         d = sl["density"]
@@ -712,11 +721,11 @@ def claims(ctx):
         fft = sl["fft"]
         delta = c["mean"] - fft["mean"]
         t = tol(c["std"], fft["std"])
-        dead = not learned(max(c["mean"], fft["mean"]), sl["chance"])
+        dead = not learned(fft["mean"], sl["chance"])         # "comparable" to a model at chance says nothing
         out.append(("SLoRA", "comparable to full fine-tuning at ~1% density", "slora",
                     "inconclusive" if dead else _v(delta >= -t, delta < -t),
                     f"density {c['density']:g}: SLoRA {100 * c['mean']:.1f}±{100 * c['std']:.1f} vs FedAvg-FFT "
-                    f"{100 * fft['mean']:.1f}±{100 * fft['std']:.1f} (Δ {100 * delta:+.1f}; comparable = Δ ≥ −max(2, std) points)"))
+                    f"{100 * fft['mean']:.1f}±{100 * fft['std']:.1f} (Δ {100 * delta:+.1f}; comparable = Δ ≥ −max(2, std) points; inconclusive if FedAvg-FFT is at chance)"))
     elif "slora_ran" in ctx:
         out.append(("SLoRA", "comparable to full fine-tuning at ~1% density", "slora", "inconclusive",
                     "no FedAvg-FFT reference run at the same setting"))
@@ -730,10 +739,13 @@ def claims(ctx):
             first, last = g.iloc[0], g.iloc[-1]
             s = max(first["spread"], last["spread"])
             parts.append(f"{task}: FFT − SLoRA " + ", ".join(f"{p} {100 * x:+.1f}" for p, x in zip(g["partition"], g["gap"])))
-            verdicts.append(_v(last["gap"] - first["gap"] > s, last["gap"] - first["gap"] < -s))
+            dead = not (first["fft_learned"] and last["fft_learned"])     # a gap to a chance-level FFT is no gap
+            verdicts.append("inconclusive" if dead else
+                            _v(last["gap"] - first["gap"] > s, last["gap"] - first["gap"] < -s))
         out.append(("SLoRA", "gap to full fine-tuning grows as Dirichlet α shrinks", "heterogeneity",
                     _combine(verdicts), "; ".join(parts) + " (grows = gap at the smallest α exceeds the IID gap by "
-                                                           "more than the seed spread)"))
+                                                           "more than the seed spread; inconclusive unless FedAvg-FFT "
+                                                           "is above chance at both ends)"))
     cm = ctx.get("communication")
     if cm is not None and len(cm):
         parts, verdicts = [], []
@@ -748,8 +760,12 @@ def claims(ctx):
                    f"{100 * red:.2f}% ({how}), Δacc {100 * sa['delta_acc_vs_fft']:+.1f} points")
             if len(fl):
                 txt += f"; FedAvg-LoRA reduction {100 * fl.iloc[0]['reduction_total']:.2f}% (total)"
+            if not sa["fft_learned"]:                 # comparable to a chance-level FFT says nothing
+                txt += " (FedAvg-FFT at chance: no verdict)"
+                verdicts.append("inconclusive")
+            else:
+                verdicts.append(_v(red >= 0.9362 and sa["comparable"], not sa["comparable"]))
             parts.append(txt)
-            verdicts.append(_v(red >= 0.9362 and sa["comparable"], not sa["comparable"]))
         if parts:
             out.append(("SA-FedLoRA", "communication reduced by up to 93.62% vs FedAvg-FFT at comparable accuracy",
                          "communication", _combine(verdicts), "; ".join(parts)))

@@ -30,6 +30,20 @@ TASKS = {
 }
 
 
+def upload_by_round(run_dir):
+    """Bytes all sampled clients upload per round, as 'MB x rounds' per stretch of equal payload
+    (SLoRA's and SA-FedLoRA's payload changes with the stage and the rank)."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ups = [r["up_bytes"] for r in recs if r["federation"] == 0]
+    runs = []
+    for u in ups:
+        if runs and runs[-1][0] == u:
+            runs[-1][1] += 1
+        else:
+            runs.append([u, 1])
+    return " -> ".join(f"{u / 1e6:.3f} x{n}" for u, n in runs)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=4)
@@ -55,13 +69,15 @@ def main(argv=None):
                 fed = s["federations"][0]
                 rows.append(dict(task=task, method=method, dp=f"eps={eps:g}" if eps else "none", status=s["status"],
                                  accuracy=round(next(iter(fed["final"].values()), float("nan")), 4),
-                                 upload_MB_per_round=round(fed["cum_up_bytes"] / s["rounds_done"] / 1e6, 3),
+                                 upload_MB_per_round=upload_by_round(Path(args.out) / name),
                                  epsilon_spent=round(fed["epsilon_spent"], 3) if eps else None,
                                  wall_s=s["wall_s"]))
                 print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
     note = (f"Scale: MiniLM truncated to {args.layers} layers, {args.train_rows} train rows, {args.eval_rows} "
-            f"eval rows, {args.rounds} rounds x {args.steps} local steps, batch 16, seed 0. MNLI at this scale "
+            f"eval rows, {args.rounds} rounds x {args.steps} local steps, batch 16 (expected batch under DP), "
+            "seed 0. upload_MB_per_round: what all sampled clients upload in a round, as MB x the number of "
+            "rounds at that payload. MNLI at this scale "
             "is expected near chance (33%); 20news chance is 5%. FedAvg-FFT runs non-private only here: its "
             "private run needs per-sample gradients of every weight (the 11.7M-entry embedding included), "
             "which the engine supports but which is impractical on 2 CPU cores.\n\n")
