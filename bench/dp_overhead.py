@@ -146,7 +146,7 @@ def accuracy_check(make_model, tok, device, seeds=(0, 1, 2), rounds=8, K=5, b=16
     fedsim_acc = eng.evaluate()["validation"]
     opacus_acc = []
     for i, s in enumerate(seeds):
-        cfg = ReferenceConfig(rounds=rounds, local_steps=K, batch_size=b, lr=0.5, seed=s, federation=i,
+        cfg = ReferenceConfig(rounds=rounds, local_steps=K, batch_size=b, lr=0.5, seed=s,
                               dp_max_grad_norm=1.0, dp_noise_multiplier=sigma, dp_sample_rate=q)
         glob, _ = run_opacus_clients(make_model, train, parts[i], {k: v[i] for k, v in init.items()}, cfg)
         model, params, _ = build_model(make_model, cfg)

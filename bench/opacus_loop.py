@@ -29,7 +29,7 @@ def run_opacus_clients(make_model, train, partitions, initial_global, cfg, grad_
     keys = list(train)
     history = []
     for t in range(cfg.rounds):
-        clients = sample_clients(len(partitions), cfg.client_fraction, cfg.seed, cfg.federation, t)
+        clients = sample_clients(len(partitions), cfg.client_fraction, cfg.seed, t)
         sums = {n: torch.zeros_like(glob[n]) for n in trainable}
         total, losses = 0, []
         for c in clients:
@@ -37,7 +37,7 @@ def run_opacus_clients(make_model, train, partitions, initial_global, cfg, grad_
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(glob[n])
-            gen = torch_generator(cfg.seed, "opacus", cfg.federation, t, int(c))
+            gen = torch_generator(cfg.seed, "opacus", t, int(c))
             # Opacus samples with rate 1/len(loader) = batch_size/n (approximately q).
             loader = DataLoader(TensorDataset(*[train[k][part] for k in keys]),
                                 batch_size=max(1, round(cfg.dp_sample_rate * len(part))), generator=gen)

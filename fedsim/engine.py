@@ -3,7 +3,12 @@
 Replicas are (federation, client) pairs, replica r = f * m + j for the j-th sampled client of federation
 f. Per round: broadcast each federation's global state to its replicas, run K local steps for all
 replicas at once (in chunks of replicas when memory is short), aggregate per federation, log bytes,
-evaluate every N rounds. All randomness comes from generators keyed by (seed, purpose, round, client).
+evaluate every N rounds.
+
+All randomness comes from generators keyed by the federation's seed and purpose (round, client, local
+step), never by the federation's position in the pass: a federation trains exactly as it would alone,
+and the sweep variants of one seed see the same clients, batches, Poisson masks and standard-normal
+noise draws (each scaled by its own sigma), so a sweep is a comparison under common random numbers.
 """
 import math
 from dataclasses import dataclass, field
@@ -73,20 +78,20 @@ class FederatedEngine:
 
     # ------------------------------------------------------------------ one round
     def sampled_clients(self, t):
-        return [sample_clients(self.num_clients, self.fraction, f.seed, i, t) for i, f in enumerate(self.feds)]
+        return [sample_clients(self.num_clients, self.fraction, f.seed, t) for f in self.feds]
 
     def _batches(self, t, sampled):
         """Dataset rows [R, K, b] and sample mask [R, K, b] for every replica's local steps."""
         rows, masks = [], []
-        for i, (fed, clients) in enumerate(zip(self.feds, sampled)):
+        for fed, clients in zip(self.feds, sampled):
             for c in clients:
                 part = fed.partitions[c]
                 if self.dp is None:
-                    pos = fixed_batches(len(part), self.b, self.K, fed.seed, i, t, c)
+                    pos = fixed_batches(len(part), self.b, self.K, fed.seed, t, c)
                     mask = np.ones_like(pos, dtype=bool)
                 else:
                     pos, mask = poisson_batches(len(part), self.dp.sample_rate, self.dp.max_batch, self.K,
-                                                fed.seed, i, t, c)
+                                                fed.seed, t, c)
                 rows.append(part[pos])
                 masks.append(mask)
         return torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks))
@@ -125,9 +130,10 @@ class FederatedEngine:
             rows, mask = rows[:, :keep], mask[:, :keep]
         Rc, b = rows.shape
         st.active, st.batch_size = rs, b
-        st.pack(mask.to(self.device))                  # ragged Poisson batches: the backbone runs real rows only
-        run_rows = rows.reshape(-1) if st.slots is None else rows.reshape(-1)[mask.reshape(-1)]
+        real = mask.reshape(-1)                        # on the CPU, like rows
         mask = mask.to(self.device)
+        st.pack(mask)                                  # ragged Poisson batches: the backbone runs real rows only
+        run_rows = rows.reshape(-1) if st.slots is None else rows.reshape(-1)[real]
         per_sample = self.dp is not None
         specs = [(n, tuple(self.tensors[n].shape[1:])) for n in trainable]
         st.buffer = GradBuffer(specs, Rc, b, per_sample, self.device, self.dtype)
@@ -147,12 +153,12 @@ class FederatedEngine:
             from fedsim.dp import clip_and_noise
             expected = torch.tensor([self.dp.sample_rate * len(self.feds[i].partitions[c]) for i, c in client_ids],
                                     device=self.device, dtype=self.dtype)
-            keys = [(self.feds[i].seed, "noise", i, t, c, s) for i, c in client_ids]
+            keys = [(self.feds[i].seed, "noise", t, c, s) for i, c in client_ids]
             grads = buf.unflatten(clip_and_noise(buf.flat, self.dp.max_grad_norm, self.sigma[rs], expected, keys,
                                                  sq_norms=buf.sq_norms))
         else:
             grads = buf.summed
-        fed_of = torch.tensor([i for i, _ in client_ids], device=self.device)
+        fed_of = torch.arange(rs.start, rs.stop, device=self.device) // self.m     # replica r = f * m + j
         for name in trainable:
             extra = self.method.extra_grad(name, self.tensors[name][rs], self.global_state[name][fed_of], t)
             if extra is not None:

@@ -34,8 +34,7 @@ class ReferenceConfig:
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8
     client_fraction: float = 1.0
-    seed: int = 0
-    federation: int = 0
+    seed: int = 0                           # the federation's seed: keys every random stream
     lora_r: int = 8
     lora_alpha: float = 16.0
     target_modules: tuple | str = ("query", "value")  # or "all-linear"
@@ -166,7 +165,7 @@ def _private_step(model, params, names, batch, mask, n, t, c, s, cfg):
     g = torch.cat([grads[own].reshape(len(mask), -1) for own in names.values()], dim=1)
     g[~mask] = 0.0
     factor = torch.clamp(C / (g.norm(dim=1) + 1e-6), max=1.0)
-    noise = torch.randn(g.shape[1], generator=torch_generator(cfg.seed, "noise", cfg.federation, t, c, s))
+    noise = torch.randn(g.shape[1], generator=torch_generator(cfg.seed, "noise", t, c, s))
     flat = ((factor[:, None] * g).sum(0) + sigma * C * noise) / (q * n)
     for cn, piece in zip(names, flat.split([params[cn].numel() for cn in names])):
         params[cn].grad = piece.view_as(params[cn]).clone()
@@ -192,7 +191,7 @@ def run_reference(make_model, train, partitions, initial_global, cfg):
     model_names = {n: own[id(params[n])] for n in trainable}
     history = []
     for t in range(cfg.rounds):
-        clients = sample_clients(len(partitions), cfg.client_fraction, cfg.seed, cfg.federation, t)
+        clients = sample_clients(len(partitions), cfg.client_fraction, cfg.seed, t)
         sums = {n: torch.zeros_like(glob[n]) for n in trainable}
         total, client_losses = 0, []
         for c in clients:
@@ -205,14 +204,14 @@ def run_reference(make_model, train, partitions, initial_global, cfg):
             losses = []
             if private:
                 pos, mask = poisson_batches(len(part), cfg.dp_sample_rate, cfg.dp_max_batch, cfg.local_steps,
-                                            cfg.seed, cfg.federation, t, c)
+                                            cfg.seed, t, c)
                 for s in range(cfg.local_steps):
                     batch = _rows(train, part, pos[s])
                     losses.append(_private_step(model, params, model_names, batch, mask[s], len(part), t, c, s, cfg))
                     opt.step()
                     opt.zero_grad()
             else:
-                pos = fixed_batches(len(part), cfg.batch_size, cfg.local_steps, cfg.seed, cfg.federation, t, c)
+                pos = fixed_batches(len(part), cfg.batch_size, cfg.local_steps, cfg.seed, t, c)
                 for s in range(cfg.local_steps):
                     losses.append(_plain_step(model, _rows(train, part, pos[s]), opt))
             for n in trainable:

@@ -83,8 +83,10 @@ class Experiment:
         if any(e is not None for e in eps_list):
             if any(e is None for e in eps_list):
                 raise ValueError("dp.epsilon sweep mixes private and non-private federations; run them separately")
-            sizes = [len(p) for f in self.feds for p in f.partitions]
-            q = min(1.0, cfg["batch_size"] / float(np.mean(sizes)))
+            # q = expected batch / mean client size. Partitions cover every row, so the mean client size is
+            # rows / clients for every seed: q never depends on which federations share the pass.
+            q = min(1.0, cfg["batch_size"] * cfg["num_clients"] / len(labels))
+            sizes = [len(p) for f in self.feds for p in f.partitions]     # max_batch: padding only, exact
             self.steps_per_client = cfg["rounds"] * cfg["local_steps"]   # upper bound: every round sampled
             for f, eps in zip(self.feds, eps_list):
                 f.noise_multiplier = noise_multiplier_for(eps, dp["delta"], q, self.steps_per_client, dp["accountant"])

@@ -400,6 +400,20 @@ def family_heterogeneity(w, runs, ctx):
     ctx["heterogeneity"] = a
 
 
+def _accuracy_panels(axes, groups, key, xs, xlabel):
+    """One panel per (task, privacy) group: accuracy of each method vs `key` over xs (log2 axis)."""
+    for ax, ((task, priv), at) in zip(axes, groups):
+        for method in _methods(at):
+            c = at[at.method == method].set_index(key).reindex(xs)
+            _errorbar(ax, xs, 100 * c["mean"], 100 * c["std"], METHOD_LABEL.get(method, method))
+        ax.axhline(100 / num_labels(task), color="grey", ls=":", lw=1, label="chance")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"accuracy on {primary_split(task)} (%)")
+        ax.set_title(f"{task}, {priv}")
+        ax.legend()
+
+
 def family_alpha(w, runs, ctx):
     df = federation_frame(runs)
     if df.empty:
@@ -426,16 +440,7 @@ def family_alpha(w, runs, ctx):
             "Final accuracy (%) vs LoRA scaling α (scale α/r), mean ± std over seeds; range = max − min of the means.")
     groups = list(a.groupby(["task", "privacy"], sort=True))
     fig, axes = plt.subplots(1, len(groups), figsize=(3.8 * len(groups), 3.1), squeeze=False)
-    for ax, ((task, priv), at) in zip(axes[0], groups):
-        for method in _methods(at):
-            c = at[at.method == method].set_index("lora.alpha").reindex(alphas)
-            _errorbar(ax, alphas, 100 * c["mean"], 100 * c["std"], METHOD_LABEL.get(method, method))
-        ax.axhline(100 / num_labels(task), color="grey", ls=":", lw=1, label="chance")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("LoRA α (scale = α / r)")
-        ax.set_ylabel(f"accuracy on {primary_split(task)} (%)")
-        ax.set_title(f"{task}, {priv}")
-        ax.legend()
+    _accuracy_panels(axes[0], groups, "lora.alpha", alphas, "LoRA α (scale = α / r)")
     fig.tight_layout()
     w.figure("accuracy_vs_lora_alpha", fig, "Accuracy vs LoRA α, with and without DP (error bars: 1 std over seeds).")
     ctx["alpha_ranges"] = pd.DataFrame(ranges)
@@ -468,16 +473,7 @@ def family_rank(w, runs, ctx):
             "Final accuracy (%) vs LoRA rank r, mean ± std over seeds (upload MB per round in the CSV).")
     groups = list(a.groupby(["task", "privacy"], sort=True))
     fig, axes = plt.subplots(1, len(groups) + 1, figsize=(3.8 * (len(groups) + 1), 3.1), squeeze=False)
-    for ax, ((task, priv), at) in zip(axes[0], groups):
-        for method in _methods(at):
-            c = at[at.method == method].sort_values("rank")
-            _errorbar(ax, c["rank"], 100 * c["mean"], 100 * c["std"], METHOD_LABEL.get(method, method))
-        ax.axhline(100 / num_labels(task), color="grey", ls=":", lw=1, label="chance")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("LoRA rank r")
-        ax.set_ylabel(f"accuracy on {primary_split(task)} (%)")
-        ax.set_title(f"{task}, {priv}")
-        ax.legend()
+    _accuracy_panels(axes[0], groups, "rank", ranks, "LoRA rank r")
     ax = axes[0][-1]
     for method in _methods(mb):
         c = mb[mb.method == method].groupby("rank")["mean"].mean()

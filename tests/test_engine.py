@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from fedsim.config import load_config
+from fedsim.dp import max_poisson_batch
 from fedsim.engine import DPSetup
 from partitions import dirichlet_label_skew, iid
-from tests.test_engine_equivalence import build_engine
+from tests.helpers import build_engine
 
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
 
@@ -16,7 +17,8 @@ def test_two_runs_are_bitwise_identical(make_model, sst2_small):
     states = []
     for _ in range(2):
         eng = build_engine(make_model, sst2_small, [parts], seeds=[3], optimizer=SGD, targets=["query", "value"],
-                           fraction=0.5, K=2, dp=DPSetup(max_grad_norm=1.0, sample_rate=0.1, max_batch=12),
+                           fraction=0.5, K=2, dp=DPSetup(max_grad_norm=1.0, sample_rate=0.1,
+                                                                      max_batch=max_poisson_batch(0.1 * max(map(len, parts)))),
                            sigmas=[0.8])
         eng.run_round()
         eng.run_round()
@@ -130,7 +132,8 @@ def test_packed_poisson_pass_equals_padded_pass(make_model, sst2_small, method, 
     from fedsim.stacked import _StackedState
     parts = dirichlet_label_skew(sst2_small["labels"].numpy(), 3, alpha=1.0, seed=4)
     kw = dict(seeds=[4], optimizer={"name": "sgd", "lr": 0.5, "momentum": 0.0}, targets=["query", "value"],
-              fraction=1.0, K=2, method=method, dp=DPSetup(max_grad_norm=0.5, sample_rate=0.1, max_batch=16),
+              fraction=1.0, K=2, method=method, dp=DPSetup(max_grad_norm=0.5, sample_rate=0.1,
+                                                                 max_batch=max_poisson_batch(0.1 * max(map(len, parts)))),
               sigmas=[0.6])
     packed_rows = []
     pack = _StackedState.pack

@@ -2,41 +2,11 @@
 import pytest
 import torch
 
-from fedsim.engine import DPSetup, Federation, FederatedEngine
-from fedsim.reference import ReferenceConfig, run_reference
-from methods import make_method
+from fedsim.dp import max_poisson_batch
+from fedsim.engine import DPSetup
+from fedsim.reference import run_reference
 from partitions import dirichlet_label_skew
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
-
-
-def build_engine(make_model, data, parts_per_fed, *, seeds, optimizer, targets, fraction, K=3, b=4, rank=4,
-                 alpha=8.0, method="fedavg_lora", dp=None, sigmas=None, chunk=None, lrs=None):
-    method = make_method({"name": method}, {"rank": rank, "alpha": alpha, "targets": targets})
-    feds = [Federation(seed=s, lr=(lrs or [optimizer["lr"]] * len(seeds))[i], lora_alpha=alpha,
-                       noise_multiplier=(sigmas or [0.0] * len(seeds))[i], partitions=p)
-            for i, (s, p) in enumerate(zip(seeds, parts_per_fed))]
-    m = max(1, round(fraction * len(parts_per_fed[0])))
-    stacked = method.build_stacked(make_model(), len(seeds) * m)
-    return FederatedEngine(stacked, method, data, feds, local_steps=K, batch_size=b, client_fraction=fraction,
-                           optimizer=optimizer, dp=dp, replica_chunk=chunk, device=torch.device("cpu"))
-
-
-def reference_cfg(optimizer, targets, fraction, seed=0, federation=0, K=3, b=4, rank=4, alpha=8.0, rounds=2, **kw):
-    return ReferenceConfig(rounds=rounds, local_steps=K, batch_size=b, lr=optimizer["lr"], optimizer=optimizer["name"],
-                           momentum=optimizer.get("momentum", 0.0), weight_decay=optimizer.get("weight_decay", 0.0),
-                           eps=optimizer.get("eps", 1e-8),
-                           client_fraction=fraction, seed=seed, federation=federation, lora_r=rank, lora_alpha=alpha,
-                           target_modules=targets if isinstance(targets, str) else tuple(targets), **kw)
-
-
-def assert_same(engine_state, ref_state, tol=1e-5):
-    assert set(engine_state) <= set(ref_state)
-    errs = {n: rel_err(engine_state[n], ref_state[n]) for n in engine_state}
-    worst = max(errs, key=errs.get)
-    assert errs[worst] < tol, f"{worst}: relative error {errs[worst]:.2e}"
+from tests.helpers import assert_same, build_engine, reference_cfg
 
 
 # AdamW divides every coordinate by its own running RMS, so a coordinate whose gradient is ~1e-7 of the
@@ -82,7 +52,7 @@ def test_federations_and_chunks_share_one_pass(make_model, sst2_small):
     for _ in range(2):
         eng.run_round()
     for f, (seed, lr) in enumerate([(5, 0.1), (6, 0.03)]):
-        cfg = reference_cfg(dict(opt, lr=lr), ["query", "value"], 2 / 3, seed=seed, federation=f)
+        cfg = reference_cfg(dict(opt, lr=lr), ["query", "value"], 2 / 3, seed=seed)
         ref, _ = run_reference(make_model, sst2_small, parts[f], {k: v[f] for k, v in init.items()}, cfg)
         assert_same({k: v[f] for k, v in eng.global_state.items()}, ref)
 
@@ -91,7 +61,8 @@ def test_private_engine_equals_private_reference(make_model, sst2_small):
     """DP-SGD: per-sample clipping (flat, over all trainable tensors) and the same seeded noise streams."""
     labels = sst2_small["labels"].numpy()
     parts = dirichlet_label_skew(labels, 3, alpha=0.5, seed=1)
-    q, max_batch, sigma, C = 0.05, 12, 0.7, 0.5
+    q, sigma, C = 0.05, 0.7, 0.5
+    max_batch = max_poisson_batch(q * max(map(len, parts)))
     opt = {"name": "sgd", "lr": 0.5, "momentum": 0.0}
     eng = build_engine(make_model, sst2_small, [parts], seeds=[1], optimizer=opt, targets=["query", "value"],
                        fraction=1.0, dp=DPSetup(max_grad_norm=C, sample_rate=q, max_batch=max_batch), sigmas=[sigma])

@@ -11,7 +11,7 @@ from fedsim.stacked import StackedModel
 from methods import make_method
 from methods.sa_fedlora import SCHEDULES
 from partitions import dirichlet_label_skew
-from tests.test_engine_equivalence import assert_same, build_engine, reference_cfg, rel_err
+from tests.helpers import assert_same, build_engine, reference_cfg, rel_err
 
 QV = ["query", "value"]
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.0}

@@ -111,7 +111,7 @@ def test_nonprivate_matches_hand_written_peft_loop(setup, opt):
     assert len(ps) == 10
     o = (torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01) if opt == "sgd"
          else torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01))
-    pos = fixed_batches(len(part), 4, 3, 3, 0, 0, 0)
+    pos = fixed_batches(len(part), 4, 3, 3, 0, 0)
     for s in range(3):
         b = {k: v[torch.as_tensor(part[pos[s]])] for k, v in train.items()}
         y = b.pop("labels")
@@ -185,7 +185,7 @@ def test_private_without_noise_or_clipping_is_sum_over_expected_batch(setup):
     with torch.no_grad():
         for n, v in init.items():
             params[n].copy_(v)
-    pos, mask = poisson_batches(len(part), 0.5, 12, 2, 1, 0, 0, 0)
+    pos, mask = poisson_batches(len(part), 0.5, 12, 2, 1, 0, 0)
     assert mask.sum(1).min() > 0
     for s in range(2):
         b = {k: v[torch.as_tensor(part[pos[s][mask[s]]])] for k, v in train.items()}

@@ -78,3 +78,25 @@ def test_bad_input_never_touches_an_existing_run(tmp_path):
         run(load_config(overrides=dict(SMOKE, task="rte", train_subsample=10, num_clients=40,
                                        partition={"name": "iid"})), out, progress=False)
     assert (out / "metrics.jsonl").read_text() == "precious\n"
+
+
+def test_run_federation_equals_its_solo_run(tmp_path):
+    """Through the whole pipeline (config -> partitions -> DP calibration -> engine): seed 1 at epsilon 8,
+    run inside seeds [0, 1] x sweep dp.epsilon [3, 8], equals seed 1 at epsilon 8 run alone. Chunks of one
+    federation's replicas (m = 2) keep every GEMM shape, so equality is exact."""
+    import torch
+    base = dict(SMOKE, replica_chunk=2, rounds=2)
+    shared = run(load_config(overrides=dict(base, seeds=[0, 1], sweep={"dp.epsilon": [3.0, 8.0]})),
+                 tmp_path / "shared", progress=False)
+    solo = run(load_config(overrides=dict(base, seeds=[1], **{"dp.epsilon": 8.0})), tmp_path / "solo",
+               progress=False)
+    f = next(i for i, fed in enumerate(shared["federations"])
+             if fed["seed"] == 1 and fed["variant"] == {"dp.epsilon": 8.0})
+    assert f == 3
+    for key in ("final", "final_loss", "noise_multiplier", "epsilon_spent", "sample_rate"):
+        assert shared["federations"][f][key] == solo["federations"][0][key], key
+    g_shared = torch.load(tmp_path / "shared" / "final_global.pt")["global"]
+    g_solo = torch.load(tmp_path / "solo" / "final_global.pt")["global"]
+    for name, v in g_solo.items():
+        assert torch.equal(g_shared[name][f], v[0]), name
+    assert not torch.equal(g_shared["classifier.weight"][2], g_solo["classifier.weight"][0])  # eps 3: another run
