@@ -52,7 +52,7 @@ def choose_replica_chunk(engine, seq_len, repeats=2, cache=CACHE):
     with torch.no_grad():
         for name, g in engine.global_state.items():
             engine.tensors[name].copy_(g.repeat_interleave(engine.m, 0))
-    rates = {}
+    rates, failed = {}, dict(engine.failed)     # timing steps may blow up a huge-lr federation: not a result
     for c in candidates(engine.R):
         opt = make_optimizer(engine.opt_cfg, engine.lr)
         rs = slice(0, c)
@@ -64,6 +64,7 @@ def choose_replica_chunk(engine, seq_len, repeats=2, cache=CACHE):
             torch.cuda.synchronize()
         # real samples, not replicas: Poisson batches differ in size from replica to replica
         rates[c] = int(masks[rs, 0].sum()) * repeats / (time.perf_counter() - t0)
+    engine.failed = failed
     best = max(rates, key=rates.get)
     table[key] = {"chunk": best, "samples_per_s": {str(k): round(v, 2) for k, v in rates.items()}}
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,14 @@
 
 A config is a plain nested dict. Every key must exist in DEFAULTS (a typo is an error listing the valid
 keys), except inside `method` (method parameters, checked by the method) and `partition` (partition
-parameters, checked by the partition function). `validate` rejects bad values before any compute.
+parameters, checked by the partition function). `validate` gives every key its declared type (TYPES;
+numbers written as 1e-6, which YAML 1.1 reads as strings, become numbers) and rejects bad values, sweep
+values included, with one ValueError naming the key and the fix, before any data or model is touched.
 """
 import copy
 import itertools
+import math
+import re
 
 import yaml
 
@@ -41,6 +45,28 @@ DEFAULTS = {
 
 SWEEPABLE = ("optimizer.lr", "lora.alpha", "dp.epsilon")
 OPEN_SECTIONS = ("method", "partition")
+OPTIMIZERS = ("sgd", "adamw")
+# Keys that change how a run is computed but not its numbers (beyond float rounding): a run may resume
+# under other values of these. Everything else must match the run being resumed (see `config_diff`).
+RESULT_NEUTRAL = ("device", "replica_chunk", "eval_batch_size", "dp.max_batch_factor")
+
+# Declared type of every key ("?" = may be null). int: an integer (10.0 and "1e3" are accepted when
+# whole); float: a finite number; ints: a list of integers; floats2: a pair of numbers; targets: a list of
+# module names or one string such as "all-linear".
+TYPES = {
+    "task": "str", "data_dir": "str?", "max_length": "int", "padding": "str", "train_subsample": "int?",
+    "eval_subsample": "int?", "strip_metadata": "bool", "model": "str", "num_hidden_layers": "int?",
+    "num_clients": "int", "client_fraction": "float", "rounds": "int", "local_steps": "int",
+    "batch_size": "int", "eval_every": "int", "eval_batch_size": "int",
+    "lora.rank": "int", "lora.alpha": "float", "lora.targets": "targets",
+    "optimizer.name": "str", "optimizer.lr": "float", "optimizer.momentum": "float",
+    "optimizer.weight_decay": "float", "optimizer.betas": "floats2", "optimizer.eps": "float",
+    "dp.epsilon": "float?", "dp.delta": "float", "dp.max_grad_norm": "float", "dp.accountant": "str",
+    "dp.max_batch_factor": "float", "seeds": "ints", "replica_chunk": "int?", "device": "str",
+}
+_KIND_TEXT = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a finite number",
+              "ints": "a non-empty list of integers, e.g. [0, 1, 2]", "floats2": "a list of two numbers",
+              "targets": "a list of module names, e.g. [query, value], or \"all-linear\""}
 
 
 def set_path(cfg, dotted, value):
@@ -52,15 +78,21 @@ def set_path(cfg, dotted, value):
             opts = sorted(valid) if isinstance(valid, dict) else []
             raise ValueError(f"unknown config key '{dotted}'; valid keys at that level: {opts}")
         if i == len(keys) - 1:
+            if not open_section and isinstance(valid[k], dict) and not isinstance(value, dict):
+                example = f"{dotted}.{next(iter(valid[k]), 'name')}=..." if valid[k] else f"{dotted}={{key: [values]}}"
+                raise ValueError(f"'{dotted}' is a section, not a value (got {value!r}); set its keys, e.g. {example}")
             node[k] = value
         else:
             node, valid = node.setdefault(k, {}), valid[k]
 
 
 def _merge(cfg, overrides, prefix=""):
+    if not isinstance(overrides, dict):
+        raise ValueError(f"a config must be a mapping of keys to values, got {type(overrides).__name__}: "
+                         f"{str(overrides)[:60]!r}")
     for k, v in overrides.items():
         path = f"{prefix}{k}"
-        if isinstance(v, dict) and k not in OPEN_SECTIONS and k != "sweep":
+        if isinstance(v, dict) and k not in OPEN_SECTIONS and k != "sweep" and "." not in k:
             _merge(cfg, v, path + ".")
         elif isinstance(v, dict) and k in OPEN_SECTIONS:
             if "name" in v and v["name"] != cfg[k].get("name"):
@@ -78,20 +110,28 @@ def parse_set(items):
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got '{item}'")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+                             f"quote it, e.g. \"seeds=[0,1]\"") from e
     return out
 
 
 def load_config(path=None, overrides=None, base=None):
+    """DEFAULTS (or base) <- the YAML file at path <- overrides ({dotted or nested key: value}), validated."""
     cfg = copy.deepcopy(base or DEFAULTS)
     if path:
-        with open(path) as f:
-            _merge(cfg, yaml.safe_load(f) or {})
-    for k, v in (overrides or {}).items():
-        if isinstance(v, dict) and k in OPEN_SECTIONS:
-            _merge(cfg, {k: v})
-        else:
-            set_path(cfg, k, v)
+        try:
+            with open(path) as f:
+                doc = yaml.safe_load(f)
+        except (FileNotFoundError, IsADirectoryError) as e:
+            raise ValueError(f"config file {path} not found or not a file ({type(e).__name__}); "
+                             f"pass an existing YAML file, e.g. --config configs/smoke.yaml") from e
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from e
+        _merge(cfg, doc or {})
+    _merge(cfg, copy.deepcopy(overrides or {}))
     validate(cfg)
     return cfg
 
@@ -110,32 +150,182 @@ def federations(cfg):
     return [(s, dict(zip(keys, c))) for s in cfg["seeds"] for c in combos]
 
 
+def flatten(cfg, prefix=""):
+    """{dotted key: value} of a nested config (method/partition/sweep entries included)."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old, new, ignore=RESULT_NEUTRAL):
+    """['key: old -> new', ...] for every key whose value differs (keys in `ignore` excepted)."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+            if k not in ignore and a.get(k, "(unset)") != b.get(k, "(unset)")]
+
+
+def config_hash(cfg, ignore=RESULT_NEUTRAL):
+    """Short hash of everything that determines a run's numbers (the keys in `ignore` excepted)."""
+    import hashlib
+    import json
+    kept = {k: v for k, v in flatten(cfg).items() if k not in ignore}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- types and values
+
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?(inf|infinity|nan)$", re.IGNORECASE)
+
+
+def _number(value):
+    """A real number from an int/float or a numeric string ("1e-6"), else None; bools are not numbers."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value)
+    return None
+
+
+def _typed(key, value, kind):
+    """value converted to `kind` (see TYPES) or a ValueError naming the key, the expected and the given type."""
+    optional = kind.endswith("?")
+    kind = kind.rstrip("?")
+    if value is None and optional:
+        return None
+    bad = ValueError(f"{key} must be {_KIND_TEXT[kind]}{' or null' if optional else ''}, got {value!r} "
+                     f"({type(value).__name__})")
+    if kind == "str":
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if kind in ("int", "float"):
+        x = _number(value)
+        if x is None or not math.isfinite(x) or (kind == "int" and x != int(x)):
+            raise bad
+        return int(x) if kind == "int" else float(x)
+    if kind == "ints":
+        if not isinstance(value, list) or not value:
+            raise bad
+        return [_typed(f"{key}[{i}]", v, "int") for i, v in enumerate(value)]
+    if kind == "floats2":
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise bad
+        return [_typed(f"{key}[{i}]", v, "float") for i, v in enumerate(value)]
+    if kind == "targets":
+        if isinstance(value, str) and value:
+            return value
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise bad
+        return value
+    raise AssertionError(kind)
+
+
+def _open_section_numbers(section):
+    """Method/partition parameters: numeric strings ("1e-2") become numbers; the owner checks the rest."""
+    return {k: (_number(v) if k != "name" and isinstance(v, str) and _number(v) is not None else v)
+            for k, v in section.items()}
+
+
 def validate(cfg):
-    """Bad values -> one ValueError naming the fix, before any data or model is touched."""
+    """Give every key its declared type and reject bad values (sweep values included), in place.
+
+    Raises one ValueError naming the key and the fix, before any data or model is touched. The method's
+    and the partition's own checks run here too (unknown or bad parameters fail now, not mid-run)."""
+    for dotted, kind in TYPES.items():
+        section, _, key = dotted.rpartition(".")
+        node = cfg[section] if section else cfg
+        node[key] = _typed(dotted, node[key], kind)
+    for section in OPEN_SECTIONS:
+        if not isinstance(cfg[section].get("name"), str):
+            raise ValueError(f"{section}.name must be set, e.g. {section}.name="
+                             f"{DEFAULTS[section]['name']} (got {cfg[section].get('name')!r})")
+        cfg[section] = _open_section_numbers(cfg[section])
+    if not isinstance(cfg["sweep"], dict):
+        raise ValueError(f"sweep must be a mapping of sweepable keys to value lists, e.g. "
+                         f"{{optimizer.lr: [0.01, 0.1]}} (got {cfg['sweep']!r})")
+    for k, vals in cfg["sweep"].items():
+        if k not in SWEEPABLE:
+            raise ValueError(f"sweep key '{k}' does not keep tensor shapes; sweepable keys: {list(SWEEPABLE)}")
+        if not isinstance(vals, list) or not vals:
+            raise ValueError(f"sweep.{k} must be a non-empty list of values, e.g. [0.01, 0.1] (got {vals!r})")
+        cfg["sweep"][k] = [_typed(f"sweep.{k}", v, TYPES[k]) for v in vals]
+        if len(set(cfg["sweep"][k])) != len(vals):
+            raise ValueError(f"sweep.{k} repeats a value ({vals}); each variant must be different")
+    if len(set(cfg["seeds"])) != len(cfg["seeds"]):
+        raise ValueError(f"seeds repeat a value ({cfg['seeds']}); each federation needs its own seed")
+    _check_values(cfg)
+    eps = [v.get("dp.epsilon", cfg["dp"]["epsilon"]) for _, v in federations(cfg)]
+    if any(e is None for e in eps) and any(e is not None for e in eps):
+        raise ValueError("the dp.epsilon sweep mixes private (a number) and non-private (null) federations; "
+                         "run them as two runs")
+    for seed, variant in federations(cfg):           # every sweep value meets the same checks as the key
+        if variant:
+            one = copy.deepcopy(cfg)
+            for k, v in variant.items():
+                section, key = k.split(".")
+                one[section][key] = v
+            try:
+                _check_values(one)
+            except ValueError as e:
+                raise ValueError(f"sweep value {variant}: {e}") from None
+    return cfg
+
+
+def _check_values(cfg):
+    """Range and choice checks of a typed config (one federation's values)."""
     def need(cond, msg):
         if not cond:
             raise ValueError(msg)
+    from fedsim.tasks import get_task
+    task = get_task(cfg["task"])                                     # unknown task: error listing the valid ones
     need(cfg["num_clients"] >= 1, f"num_clients must be >= 1 (got {cfg['num_clients']})")
     need(0 < cfg["client_fraction"] <= 1, f"client_fraction must be in (0, 1] (got {cfg['client_fraction']})")
     need(cfg["local_steps"] >= 1, f"local_steps (K) must be >= 1 (got {cfg['local_steps']})")
     need(cfg["rounds"] >= 1, f"rounds must be >= 1 (got {cfg['rounds']})")
     need(cfg["batch_size"] >= 1, f"batch_size must be >= 1 (got {cfg['batch_size']})")
     need(cfg["eval_every"] >= 1, f"eval_every must be >= 1 (got {cfg['eval_every']})")
-    need(int(cfg["lora"]["rank"]) >= 1, f"lora.rank must be >= 1 (got {cfg['lora']['rank']}); LoRA needs a positive rank")
-    need(cfg["lora"]["alpha"] > 0, f"lora.alpha must be > 0 (got {cfg['lora']['alpha']})")
-    need(cfg["optimizer"]["lr"] > 0, f"optimizer.lr must be > 0 (got {cfg['optimizer']['lr']})")
+    need(cfg["eval_batch_size"] >= 1, f"eval_batch_size must be >= 1 (got {cfg['eval_batch_size']})")
+    need(cfg["max_length"] >= 2, f"max_length must be >= 2 tokens (got {cfg['max_length']}): [CLS] and [SEP] "
+         "alone take 2; try 64 or 128")
+    for key in ("train_subsample", "eval_subsample"):
+        need(cfg[key] is None or cfg[key] >= 1, f"{key} must be a positive number of rows or null (got {cfg[key]})")
+    need(cfg["num_hidden_layers"] is None or cfg["num_hidden_layers"] >= 1,
+         f"num_hidden_layers must be >= 1 or null for all layers (got {cfg['num_hidden_layers']})")
+    need(cfg["replica_chunk"] is None or cfg["replica_chunk"] >= 1,
+         f"replica_chunk must be >= 1 or null to choose automatically (got {cfg['replica_chunk']})")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg["device"]) is not None,
+         f"device must be auto, cpu, cuda, cuda:N or mps (got {cfg['device']!r})")
+    need(not cfg["strip_metadata"] or task.name == "20news",
+         f"strip_metadata applies to 20news only, not {task.name}; drop it or set strip_metadata=false")
+    need(min(cfg["seeds"]) >= 0, f"seeds must be >= 0 (got {cfg['seeds']})")
+    need(cfg["lora"]["rank"] >= 1, f"lora.rank must be >= 1 (got {cfg['lora']['rank']}); LoRA needs a positive rank")
+    need(cfg["lora"]["alpha"] > 0, f"lora.alpha must be > 0 (got {cfg['lora']['alpha']}); the scale is alpha / rank")
+    opt = cfg["optimizer"]
+    need(opt["name"] in OPTIMIZERS, f"unknown optimizer.name '{opt['name']}'; valid: {list(OPTIMIZERS)}")
+    need(opt["lr"] > 0, f"optimizer.lr must be > 0 (got {opt['lr']})")
+    need(0 <= opt["momentum"] < 1, f"optimizer.momentum must be in [0, 1) (got {opt['momentum']})")
+    need(opt["weight_decay"] >= 0, f"optimizer.weight_decay must be >= 0 (got {opt['weight_decay']})")
+    need(opt["eps"] > 0, f"optimizer.eps must be > 0 (got {opt['eps']}); AdamW's default is 1e-8")
+    need(all(0 <= b < 1 for b in opt["betas"]), f"optimizer.betas must be in [0, 1) (got {opt['betas']}); "
+         "AdamW's default is [0.9, 0.999]")
     need(cfg["padding"] in ("longest", "max_length"), f"padding must be 'longest' or 'max_length' (got {cfg['padding']})")
-    need(isinstance(cfg["seeds"], list) and len(cfg["seeds"]) >= 1, "seeds must be a non-empty list, e.g. [0, 1, 2]")
-    for k, vals in cfg["sweep"].items():
-        need(k in SWEEPABLE, f"sweep key '{k}' does not keep tensor shapes; sweepable keys: {list(SWEEPABLE)}")
-        need(isinstance(vals, list) and len(vals) >= 1, f"sweep.{k} must be a non-empty list")
-    if "alpha" in cfg["partition"]:
-        need(cfg["partition"]["alpha"] > 0, f"partition.alpha must be > 0 (got {cfg['partition']['alpha']}); "
-             "small alpha = more label skew, try 0.1")
     dp = cfg["dp"]
-    if dp["epsilon"] is not None or "dp.epsilon" in cfg["sweep"]:
+    need(dp["max_batch_factor"] > 0, f"dp.max_batch_factor must be > 0 (got {dp['max_batch_factor']}); try 5.0")
+    if dp["epsilon"] is not None:
         from fedsim.dp import validate_dp
-        for eps in cfg["sweep"].get("dp.epsilon", [dp["epsilon"]]):
-            if eps is not None:
-                validate_dp(eps, dp["delta"], dp["max_grad_norm"], dp["accountant"])
-    return cfg
+        validate_dp(dp["epsilon"], dp["delta"], dp["max_grad_norm"], dp["accountant"])
+    from methods import make_method                                  # the method's own parameter checks
+    make_method(cfg["method"], cfg["lora"])
+    import partitions
+    params = {k: v for k, v in cfg["partition"].items() if k != "name"}
+    partitions.validate(cfg["partition"]["name"], cfg["num_clients"], cfg["seeds"][0], **params)

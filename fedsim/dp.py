@@ -4,7 +4,9 @@ clip_and_noise is DP-SGD's aggregation step (Opacus convention) batched over the
     out[r] = (sum_n min(1, C_r / (||g_rn|| + 1e-6)) * g_rn + sigma_r * C_r * z_r) / B_r
 Accounting is delegated to Opacus accountants (RDP or PRV), never re-implemented here.
 """
+import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -98,8 +100,9 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
     if epsilon_spent(MAX_USEFUL_SIGMA, sample_rate, steps, delta, accountant) > epsilon:
         raise ValueError(f"{fix} (even noise multiplier {MAX_USEFUL_SIGMA:g} is not enough)")
     try:
-        sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                     steps=int(steps), accountant=accountant)
+        with _quiet_rdp_orders():
+            sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                         steps=int(steps), accountant=accountant)
     except (ValueError, OverflowError, FloatingPointError) as e:
         raise ValueError(f"{fix} ({e})") from e
     if not math.isfinite(sigma) or sigma > MAX_USEFUL_SIGMA:
@@ -118,7 +121,19 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
         return math.inf
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
-    return float(acc.get_epsilon(delta=delta))
+    with _quiet_rdp_orders():
+        return float(acc.get_epsilon(delta=delta))
+
+
+@contextlib.contextmanager
+def _quiet_rdp_orders():
+    """Silence Opacus' "Optimal order is the largest alpha" warning. It fires for large sigma or few steps
+    (always at the MAX_USEFUL_SIGMA probe) and means only that larger RDP orders could give a tighter bound:
+    the epsilon reported stays a valid upper bound. Printed once per bisection step it would bury the
+    run's own messages."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
 
 
 def max_poisson_batch(expected_batch: float, factor: float = 3.0) -> int:

@@ -23,6 +23,12 @@ from fedsim.sampling import clients_per_round, fixed_batches, poisson_batches, s
 from fedsim.stacked import GradBuffer
 
 
+# A federation whose mean training loss exceeds this many times the loss of guessing uniformly (ln of the
+# number of labels) has diverged even if every number is still finite (AdamW at a huge learning rate keeps
+# weights finite while the loss reaches 1e6): no healthy run gets there, since it starts near 1x.
+DIVERGED_LOSS_FACTOR = 100.0
+
+
 @dataclass
 class Federation:
     """One independent federation sharing the pass; variants keep tensor shapes."""
@@ -75,6 +81,10 @@ class FederatedEngine:
         self.tensors = stacked.tensors()                        # after init_global: it may add tensors
         self.ledger = Ledger(len(federations))
         self.round_idx = 0
+        # federation index -> {"round": 1-based round, "reason": str}. A failed federation is frozen at its
+        # last finite global state (its replicas keep running, so shapes never change, but its updates are
+        # discarded); the others train on, unaffected: no computation mixes replicas.
+        self.failed = {}
 
     # ------------------------------------------------------------------ one round
     def sampled_clients(self, t):
@@ -97,8 +107,12 @@ class FederatedEngine:
         return torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks))
 
     def run_round(self):
+        """One round for every federation. Returns per-federation losses (None where not finite), bytes and
+        `failed`: {federation: reason} for federations that failed in this round."""
         t = self.round_idx
+        already_failed = set(self.failed)
         self.global_state = self.method.on_round_start(t, self.global_state, self.stacked)
+        last_finite = dict(self.global_state)                  # aggregation makes new tensors; these stay
         self.tensors = self.stacked.tensors()                   # a schedule may have resized them
         sampled = self.sampled_clients(t)
         trainable = [n for n in self.tensors if self.method.trainable(n, t)]
@@ -116,12 +130,41 @@ class FederatedEngine:
             for s in range(self.K):
                 losses[rs] += self._local_step(t, s, rs, rows[rs, s], masks[rs, s], client_ids[rs], trainable, opt)
         self._aggregate(t, sampled, trainable)
+        per_fed = (losses / self.K).view(len(self.feds), self.m).mean(1)
+        self._freeze_failed(t, per_fed, last_finite)
         up, down = self.method.payload_bytes(self.global_state, t)
         self.ledger.record(t, self.m, up, down)
         self.round_idx += 1
-        per_fed = (losses / self.K).view(len(self.feds), self.m)
-        return dict(round=t, loss=per_fed.mean(1).tolist(), up_bytes=up * self.m, down_bytes=down * self.m,
-                    cum_up_bytes=self.ledger.cumulative("up"), cum_down_bytes=self.ledger.cumulative("down"))
+        loss = [x if math.isfinite(x) and f not in self.failed else None for f, x in enumerate(per_fed.tolist())]
+        return dict(round=t, loss=loss, up_bytes=up * self.m, down_bytes=down * self.m,
+                    cum_up_bytes=self.ledger.cumulative("up"), cum_down_bytes=self.ledger.cumulative("down"),
+                    failed={f: v["reason"] for f, v in self.failed.items() if f not in already_failed})
+
+    def _fail(self, federation, t, reason):
+        if federation not in self.failed:
+            self.failed[federation] = {"round": t + 1, "reason": reason}
+
+    def _freeze_failed(self, t, per_fed_loss, last_finite):
+        """Mark federations whose loss or new global state is non-finite as failed; put every failed one back
+        to its last finite state."""
+        F_ = len(self.feds)
+        finite = torch.ones(F_, dtype=torch.bool, device=self.device)
+        for v in self.global_state.values():
+            finite &= torch.isfinite(v.reshape(F_, -1)).all(1)
+        labels = next(iter(self.stacked.heads.values())).weight.shape[1]
+        exploded = DIVERGED_LOSS_FACTOR * math.log(max(labels, 2))
+        for f, ok in enumerate(finite.tolist()):
+            loss = float(per_fed_loss[f])
+            if not math.isfinite(loss):
+                self._fail(f, t, f"non-finite training loss in round {t + 1}")
+            elif loss > exploded:
+                self._fail(f, t, f"training loss {loss:.3g} in round {t + 1} exceeds {DIVERGED_LOSS_FACTOR:g} x the "
+                                 f"loss of uniform guessing ({exploded:.3g})")
+            elif not ok:
+                self._fail(f, t, f"non-finite update of the global model in round {t + 1}")
+        if self.failed:
+            frozen = torch.tensor(sorted(self.failed), device=self.device)
+            self.global_state = {n: v.index_copy(0, frozen, last_finite[n][frozen]) for n, v in self.global_state.items()}
 
     def _local_step(self, t, s, rs, rows, mask, client_ids, trainable, opt):
         st = self.stacked.state
@@ -151,6 +194,13 @@ class FederatedEngine:
         st.pack(None)
         if per_sample:
             from fedsim.dp import clip_and_noise
+            broken = ~torch.isfinite(buf.sq_norms).all(1)         # [Rc]: clipping would hide an inf as a 0
+            if bool(broken.any()):
+                for r in broken.nonzero().flatten().tolist():
+                    f, c = client_ids[r]
+                    self._fail(f, t, f"non-finite per-sample gradient in round {t + 1} (client {c}, local step {s + 1})")
+                buf.flat[broken] = 0.0                             # the federation is frozen; keep its lanes finite
+                buf.sq_norms[broken] = 0.0
             expected = torch.tensor([self.dp.sample_rate * len(self.feds[i].partitions[c]) for i, c in client_ids],
                                     device=self.device, dtype=self.dtype)
             keys = [(self.feds[i].seed, "noise", t, c, s) for i, c in client_ids]
@@ -180,10 +230,11 @@ class FederatedEngine:
     def state_dict(self):
         """Everything a resumed run needs: randomness is keyed by round, optimizers reset every round."""
         return {"round": self.round_idx, "global": {k: v.cpu() for k, v in self.global_state.items()},
-                "ledger": self.ledger.state_dict(), "method": self.method.state_dict()}
+                "ledger": self.ledger.state_dict(), "method": self.method.state_dict(), "failed": self.failed}
 
     def load_state_dict(self, d):
         self.round_idx = d["round"]
+        self.failed = {int(f): v for f, v in d.get("failed", {}).items()}
         self.global_state = {k: v.to(self.device) for k, v in d["global"].items()}
         self.ledger = Ledger.from_state_dict(d["ledger"])
         self.method.load_state_dict(d["method"])

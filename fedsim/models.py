@@ -193,7 +193,7 @@ def load_backbone(name="all-MiniLM-L6-v2", num_labels=2, num_hidden_layers=None,
     missing = sorted(info["missing_keys"])
     stray = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
     if stray or info.get("mismatched_keys"):
-        raise RuntimeError(f"{name}: weights not loaded from {source}: missing {stray}, "
+        raise ValueError(f"{name}: weights not loaded from {source}: missing {stray}, "
                            f"mismatched {sorted(info.get('mismatched_keys') or [])}")
     init_head(model, missing, seed)
     return model.eval(), tokenizer

@@ -1,15 +1,24 @@
 """Run one experiment from a config: data -> partitions -> model -> engine rounds -> results on disk.
 
-    python -m fedsim.run --config configs/quick_sst2.yaml --set dp.epsilon=3 --out results/x/run1
+    python -m fedsim.run --config configs/smoke.yaml --set dp.epsilon=3 --out results/scratch/run1
 
-The run directory gets config.yaml (resolved), metrics.jsonl (one line per round and federation),
-summary.json, env.json (git commit, device, library versions) and, while running, checkpoint.pt so a
-killed run resumes where it stopped and ends with the same numbers. A finished run (summary.json
-present) is skipped. Bad input fails before any compute and never touches an existing run directory.
+The run directory gets config.yaml (resolved, with its config hash), metrics.jsonl (one line per round and
+federation), summary.json, env.json (git commit, device, library versions) and, while running,
+checkpoint.pt, so a killed run resumes where it stopped and ends with the same numbers.
+
+Trust rules:
+- Bad input (config, data, model, run directory) fails before any compute with one line naming the fix
+  (exit status 2) and leaves an existing run directory untouched.
+- A run resumes only under the config it started with (keys in config.RESULT_NEUTRAL, such as device and
+  replica_chunk, may change): anything else is refused, naming the keys that differ.
+- A federation whose loss, update or (under DP) per-sample gradient becomes non-finite is frozen and
+  marked failed; the others finish. The process then exits with status 1 and one line per failed
+  federation. A finished run is skipped; a run with failed federations is reported again, and
+  --retry-failed runs it again from round 0.
 """
 import argparse
+import io
 import json
-import math
 import os
 import platform
 import subprocess
@@ -22,16 +31,28 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from fedsim.config import federations, load_config, parse_set
+from fedsim.config import config_diff, config_hash, federations, load_config, parse_set
 from fedsim.autochunk import choose_replica_chunk
 from fedsim.engine import DPSetup, Federation, FederatedEngine
+from fedsim.sampling import PoissonOverflowError
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# Files that scripts/reproduce writes into a run directory before the run starts.
+BOOKKEEPING = ("run.json", "partitions.csv")
+
+
+class RunError(ValueError):
+    """A run that cannot start or go on as asked (bad input, a damaged or foreign run directory): the CLI
+    prints its message as one line and exits with status 2."""
 
 
 def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this torch sees no CUDA device; use device=auto or cpu")
     return torch.device(name)
 
 
@@ -81,8 +102,6 @@ class Experiment:
         dp = cfg["dp"]
         eps_list = [v.get("dp.epsilon", dp["epsilon"]) for _, v in federations(cfg)]
         if any(e is not None for e in eps_list):
-            if any(e is None for e in eps_list):
-                raise ValueError("dp.epsilon sweep mixes private and non-private federations; run them separately")
             # q = expected batch / mean client size. Partitions cover every row, so the mean client size is
             # rows / clients for every seed: q never depends on which federations share the pass.
             q = min(1.0, cfg["batch_size"] * cfg["num_clients"] / len(labels))
@@ -96,7 +115,7 @@ class Experiment:
         self.device = resolve_device(cfg["device"])
 
     def build(self):
-        """The expensive part: model, tokenized tensors, stacked replicas, engine."""
+        """Model, tokenized tensors, stacked replicas, engine (no training compute yet)."""
         from fedsim.models import load_backbone
         from fedsim.tasks import load_tokenized
         cfg = self.cfg
@@ -117,58 +136,137 @@ class Experiment:
                                  batch_size=cfg["batch_size"], client_fraction=cfg["client_fraction"],
                                  optimizer=cfg["optimizer"], dp=self.dp, replica_chunk=cfg["replica_chunk"],
                                  device=self.device, eval_sets=evals, eval_batch_size=cfg["eval_batch_size"])
-        if cfg["replica_chunk"] is None and self.device.type == "cpu" and R > 1:
-            choose_replica_chunk(engine, train["input_ids"].shape[1])
         return engine
 
+    def tune(self, engine):
+        """Replicas per forward/backward: measured on a CPU unless the config fixes it (compute: runs steps)."""
+        if self.cfg["replica_chunk"] is None and self.device.type == "cpu" and engine.R > 1:
+            choose_replica_chunk(engine, engine.train["input_ids"].shape[1])
 
-def run(cfg, out_dir, progress=True):
-    """Run (or resume, or skip if finished) one experiment into out_dir. Returns the summary dict."""
+
+def run(cfg, out_dir, progress=True, retry_failed=False):
+    """Run (or resume, or skip if finished) one experiment into out_dir. Returns the summary dict.
+
+    Raises RunError (before anything in out_dir changes) for bad input or an unusable run directory."""
     out = Path(out_dir)
-    if (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())
-    exp = Experiment(cfg)                       # every check happens here, before anything is written
-    engine = exp.build()
+    ckpt, metrics_path, summary_path = out / "checkpoint.pt", out / "metrics.jsonl", out / "summary.json"
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a directory; choose a directory path")
+    try:                                          # data, partitions, DP calibration, model: every input check
+        exp = Experiment(cfg)
+        engine = exp.build()
+    except (ValueError, FileNotFoundError) as e:
+        raise RunError(str(e)) from e
+    _check_run_dir(out, cfg)
+    retry = False
+    if summary_path.exists():
+        summary = _read(summary_path, json.loads, "summary.json")
+        if summary.get("status") == "finished" or not retry_failed:
+            return summary
+        retry = True                              # run it again from round 0, once every check below passed
+    state = None
+    if ckpt.exists() and not retry:
+        state = _read(ckpt, lambda b: torch.load(io.BytesIO(b), weights_only=False), "checkpoint.pt", binary=True)
+        if not isinstance(state, dict) or not {"engine", "records", "wall"} <= set(state):
+            raise RunError(f"{ckpt} is not a fedsim checkpoint; delete it to restart the run from round 0")
+        if state.get("config_hash", config_hash(cfg)) != config_hash(cfg):
+            diff = config_diff(state["config"], cfg)
+            raise RunError(f"{out} was checkpointed under another config ({'; '.join(diff) or 'hash differs'}); "
+                           f"resuming would mix two configs: use a new --out, or delete {out} to start over")
+    # ---- every check passed: from here on the run directory changes
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    ckpt, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    if retry:
+        for f in (summary_path, out / "final_global.pt", ckpt):
+            f.unlink(missing_ok=True)
+    if not (out / "config.yaml").exists():
+        _atomic(out / "config.yaml", lambda p: p.write_text(
+            f"# fedsim resolved config; config_hash {config_hash(cfg)} (see fedsim/config.py)\n"
+            + yaml.safe_dump(cfg, sort_keys=False)))
     records, wall = [], 0.0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+    if state is not None:
         engine.load_state_dict(state["engine"])
         records, wall = state["records"], state["wall"]
+    try:
+        exp.tune(engine)
+    except PoissonOverflowError as e:
+        raise _overflow(e, cfg, engine) from e
     rounds = cfg["rounds"]
     bar = tqdm(range(engine.round_idx, rounds), initial=engine.round_idx, total=rounds, disable=not progress,
                desc=f"{cfg['task']}/{cfg['method']['name']}", unit="round")
-    status = "finished"
     for t in bar:
+        if len(engine.failed) == len(exp.feds):
+            break                                 # every federation failed: nothing left to train
         t0 = time.perf_counter()
-        info = engine.run_round()
+        try:
+            info = engine.run_round()
+        except PoissonOverflowError as e:
+            raise _overflow(e, cfg, engine) from e
         evaluated = (t + 1) % cfg["eval_every"] == 0 or t + 1 == rounds
         acc = engine.evaluate() if evaluated else {}
         wall += time.perf_counter() - t0
         for i, f in enumerate(exp.feds):
+            if i in engine.failed and i not in info["failed"]:
+                continue                          # failed in an earlier round: no more records
             rec = dict(round=t + 1, federation=i, seed=f.seed, variant=f.variant, loss=info["loss"][i],
                        up_bytes=info["up_bytes"], cum_up_bytes=info["cum_up_bytes"],
                        cum_down_bytes=info["cum_down_bytes"], wall_s=round(wall, 3))
-            rec.update({f"acc_{k}": v[i] for k, v in acc.items()})
+            if i in info["failed"]:
+                rec["failed"] = info["failed"][i]
+                rec.update({f"acc_{k}": None for k in exp.task.eval_splits})
+            else:
+                rec.update({f"acc_{k}": v[i] for k, v in acc.items()})
             records.append(rec)
-        losses = info["loss"]
-        if not all(math.isfinite(x) for x in losses):
-            status = f"failed: non-finite training loss in round {t + 1} ({losses})"
-            break
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{k: f"{np.mean(v):.3f}" for k, v in acc.items()})
+        healthy = [i for i in range(len(exp.feds)) if i not in engine.failed]
+        bar.set_postfix(loss=f"{np.mean([info['loss'][i] for i in healthy]):.3f}" if healthy else "-",
+                        **{k: f"{np.mean([v[i] for i in healthy]):.3f}" for k, v in acc.items() if healthy})
         _atomic(metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in records)))
-        _atomic(ckpt, lambda p: torch.save({"engine": engine.state_dict(), "records": records, "wall": wall}, p))
-    summary = summarize(exp, engine, records, status, wall)
-    if status == "finished" and engine.stacked.lora:      # LoRA methods: final global adapters (small), for export
-        torch.save({"global": {k: v.cpu() for k, v in engine.global_state.items()},
-                    "lora_scale": {n: l.scale.view(len(exp.feds), -1)[:, 0].cpu() for n, l in engine.stacked.lora.items()}},
-                   out / "final_global.pt")
-    (out / "env.json").write_text(json.dumps(environment(exp.device), indent=2))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _atomic(ckpt, lambda p: torch.save({"engine": engine.state_dict(), "records": records, "wall": wall,
+                                            "config": cfg, "config_hash": config_hash(cfg)}, p))
+    summary = summarize(exp, engine, records, wall)
+    if engine.stacked.lora:                      # LoRA methods: final global adapters (small), for export
+        _atomic(out / "final_global.pt", lambda p: torch.save(
+            {"global": {k: v.cpu() for k, v in engine.global_state.items()},
+             "lora_scale": {n: l.scale.view(len(exp.feds), -1)[:, 0].cpu() for n, l in engine.stacked.lora.items()}},
+            p))
+    _atomic(out / "env.json", lambda p: p.write_text(json.dumps(environment(exp.device), indent=2)))
+    _atomic(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2)))
     ckpt.unlink(missing_ok=True)
     return summary
+
+
+def _overflow(e, cfg, engine):
+    return RunError(f"{e}; dp.max_batch_factor is {cfg['dp']['max_batch_factor']} now: rerun with a larger "
+                    f"one and the same --out to resume from round {engine.round_idx + 1}")
+
+
+def _check_run_dir(out, cfg):
+    """The run directory must be new, or a run of this config (keys in RESULT_NEUTRAL may differ)."""
+    if not out.is_dir():
+        return
+    if not (out / "config.yaml").exists():
+        others = sorted(p.name for p in out.iterdir() if p.name not in BOOKKEEPING)
+        if others:
+            raise RunError(f"{out} holds files but no fedsim run (no config.yaml; found {others[:3]}); "
+                           f"choose a new --out")
+        return
+    old = _read(out / "config.yaml", yaml.safe_load, "config.yaml")
+    diff = config_diff(old, cfg) if isinstance(old, dict) else ["(unreadable)"]
+    if diff:
+        shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise RunError(f"{out} holds a run of another config ({shown}); resuming would mix two configs: "
+                       f"use a new --out, or delete {out} to start over")
+
+
+def _read(path, parse, what, binary=False):
+    """parse(file content), or a RunError naming the file and the fix if it cannot be read or parsed."""
+    try:
+        return parse(path.read_bytes() if binary else path.read_text())
+    except Exception as e:                    # truncated, empty, not the format: say which file and what to do
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        fix = ("delete it to restart the run from round 0" if what == "checkpoint.pt" else
+               f"delete {path.parent} (or choose a new --out) to start the run over")
+        raise RunError(f"cannot read {path} ({type(e).__name__}{': ' + first if first else ''}): the {what} is "
+                       f"damaged; {fix}") from e
 
 
 def _atomic(path, write):
@@ -178,7 +276,8 @@ def _atomic(path, write):
     os.replace(tmp, path)
 
 
-def summarize(exp, engine, records, status, wall):
+def summarize(exp, engine, records, wall):
+    """summary.json: status, then per federation its final accuracies (null if it failed), loss, bytes, epsilon."""
     from fedsim.dp import epsilon_spent
     cfg = exp.cfg
     feds = []
@@ -186,10 +285,13 @@ def summarize(exp, engine, records, status, wall):
         mine = [r for r in records if r["federation"] == i]
         evals = [r for r in mine if any(k.startswith("acc_") for k in r)]
         last = evals[-1] if evals else {}
-        entry = dict(federation=i, seed=f.seed, variant=f.variant,
-                     final={k[4:]: v for k, v in last.items() if k.startswith("acc_")},
-                     final_loss=mine[-1]["loss"] if mine else None,
+        failure = engine.failed.get(i)
+        entry = dict(federation=i, seed=f.seed, variant=f.variant, status="failed" if failure else "finished",
+                     final=None if failure else {k[4:]: v for k, v in last.items() if k.startswith("acc_")},
+                     final_loss=None if failure or not mine else mine[-1]["loss"],
                      cum_up_bytes=mine[-1]["cum_up_bytes"] if mine else 0)
+        if failure:
+            entry["failure"] = dict(failure)
         if exp.dp is not None:
             entry.update(noise_multiplier=f.noise_multiplier, target_epsilon=exp.epsilons[i],
                          epsilon_spent=epsilon_spent(f.noise_multiplier, exp.dp.sample_rate, exp.steps_per_client,
@@ -197,23 +299,56 @@ def summarize(exp, engine, records, status, wall):
                          delta=cfg["dp"]["delta"], sample_rate=exp.dp.sample_rate,
                          steps_per_client=exp.steps_per_client)
         feds.append(entry)
+    n_failed = len(engine.failed)
+    status = "finished" if not n_failed else f"failed: {n_failed} of {len(feds)} federations diverged"
     return dict(status=status, task=cfg["task"], method=cfg["method"]["name"], rounds_done=engine.round_idx,
                 private=exp.dp is not None, wall_s=round(wall, 2), federations=feds)
 
 
+def failure_lines(summary):
+    """One line per failed federation of a summary."""
+    out = []
+    for f in summary.get("federations", []):
+        if f.get("status") == "failed":
+            variant = "".join(f", {k}={v}" for k, v in (f.get("variant") or {}).items())
+            out.append(f"federation {f['federation']} (seed {f['seed']}{variant}) failed: {f['failure']['reason']}")
+    return out
+
+
+def _one_line(msg):
+    return " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
+
+
 def main(argv=None):
+    """CLI. Exit status: 0 every federation finished; 1 a federation failed (diverged); 2 bad input."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML file (keys as in fedsim/config.py DEFAULTS)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override, e.g. dp.epsilon=3")
     ap.add_argument("--out", required=True, help="run directory")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="run again, from round 0, a finished run directory whose summary has failed federations")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, parse_set(args.set))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"config error: {e}")
-    summary = run(cfg, args.out)
+        summary = run(cfg, args.out, progress=sys.stderr.isatty(), retry_failed=args.retry_failed)
+    except (ValueError, FileNotFoundError) as e:         # config errors and RunError: one line, no traceback
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun the same command to resume {args.out} from its last finished round",
+              file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=2))
+    failed = failure_lines(summary)
+    for line in failed:
+        print(line, file=sys.stderr)
+    if failed:
+        print(f"{args.out}: {len(failed)} federation(s) failed; their accuracies are null. The same code and "
+              f"config fail the same way: change the config under a new --out, or rerun with --retry-failed "
+              f"to run it again from round 0", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

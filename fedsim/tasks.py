@@ -30,7 +30,7 @@ class DataNotFoundError(FileNotFoundError):
     pass
 
 
-class DataReadError(RuntimeError):
+class DataReadError(ValueError):
     pass
 
 
@@ -113,36 +113,38 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 
 
 def find_split_file(task, split: str, data_dir=None):
-    """Local parquet path of (task, split); None means "use the hub". Raises DataNotFoundError
-    (listing every place looked) when there is no local copy and the hub is not reachable."""
+    """Local parquet path of (task, split); None means "use the hub".
+
+    An explicit location (the data_dir argument, else $FEDSIM_DATA) is the only place looked: a typo there
+    is an error, never a silent fallback to other data. Without one: ../shared/data, then the hub. Raises
+    DataNotFoundError listing every place looked when nothing is found."""
     spec, stem = get_task(task), resolve_split(task, split)
-    places = []
     if data_dir is not None:
-        places.append(("data_dir argument", Path(data_dir)))
-    if os.environ.get("FEDSIM_DATA"):
-        places.append(("$FEDSIM_DATA", Path(os.environ["FEDSIM_DATA"])))
-    places.append(("default <repo>/../shared/data", DEFAULT_DATA_DIR))
+        places = [("data_dir", Path(data_dir))]
+    elif os.environ.get("FEDSIM_DATA"):
+        places = [("$FEDSIM_DATA", Path(os.environ["FEDSIM_DATA"]))]
+    else:
+        places = [("default <repo>/../shared/data", DEFAULT_DATA_DIR)]
     tried = []
-    for i, (what, root) in enumerate(places):
+    for what, root in places:
         path = root / spec.subdir / f"{stem}.parquet"
         if path.is_file():
-            if i > 0 and places[0][0] != "default <repo>/../shared/data":
-                # an explicitly named location was skipped: say so, it is probably a typo
-                warnings.warn(f"{spec.name}/{stem} not in {places[0][1]} ({places[0][0]}); using {path}")
             return path
-        tried.append(f"  {what}: {path} (missing)")
-    if hub_reachable():
+        tried.append(f"{what}: {path} (missing)")
+    explicit = places[0][0] != "default <repo>/../shared/data"
+    if not explicit and hub_reachable():
         return None
-    tried.append(f"  Hugging Face hub {spec.hub_id}" + (f" ({spec.hub_config})" if spec.hub_config else "")
-                 + ": not reachable (offline or HF_HUB_OFFLINE set)")
+    if not explicit:
+        tried.append(f"Hugging Face hub {spec.hub_id}" + (f" ({spec.hub_config})" if spec.hub_config else "")
+                     + ": not reachable (offline or HF_HUB_OFFLINE set)")
     raise DataNotFoundError(
-        f"no data for task {spec.name!r} split {stem!r}. Looked in:\n" + "\n".join(tried) +
-        f"\nFix: set FEDSIM_DATA=/path/to/data or pass data_dir=..., a directory holding "
-        f"{spec.subdir}/{stem}.parquet (see ../shared/data/README.md).")
+        f"no data for task {spec.name!r} split {stem!r}; looked in " + "; ".join(tried) +
+        f". Fix: point data_dir (or $FEDSIM_DATA) at a directory holding {spec.subdir}/{stem}.parquet, "
+        f"or unset it to use ../shared/data (see ../shared/data/README.md)")
 
 
 def _bad_file(path, e, what="") -> DataReadError:
-    return DataReadError(f"cannot read {path}: {type(e).__name__}: {e}. The file is corrupt, truncated{what}; "
+    return DataReadError(f"cannot read {path}: {type(e).__name__}: {e}. The file is corrupt or truncated{what}; "
                          f"restore it from the dataset source (see ../shared/data/README.md).")
 
 
@@ -150,7 +152,7 @@ def _read_parquet(path: Path, columns) -> pd.DataFrame:
     try:
         return pq.read_table(path, columns=list(columns)).to_pandas()
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, KeyError... for bad files
-        raise _bad_file(path, e, f" or lacks columns {list(columns)}") from e
+        raise _bad_file(path, e, f", or lacks columns {list(columns)}") from e
 
 
 def file_label_names(path: Path):

@@ -5,6 +5,7 @@ canonical-name -> tensor [F, *shape] (one row per federation); client states han
 are [F, m, *shape] (m sampled clients per federation) with weights [F, m] summing to 1 per row.
 """
 import math
+import typing
 from dataclasses import dataclass, fields
 
 import torch
@@ -26,6 +27,8 @@ class Method:
         unknown = sorted(set(params) - set(valid))
         if unknown:
             raise ValueError(f"unknown parameter(s) {unknown} for method '{self.name}'; valid: {valid}")
+        if self.Params:
+            _check_types(self.name, self.Params, params)
         self.lora = lora
         self.params = self.Params(**params) if self.Params else None
 
@@ -71,6 +74,20 @@ class Method:
         up = sum(t[0].numel() * t.element_size() for n, t in global_state.items() if self.trainable(n, round_idx))
         down = sum(t[0].numel() * t.element_size() for t in global_state.values())
         return up, down
+
+
+def _check_types(method, params_cls, given):
+    """Each given parameter must have its field's declared type (an int is accepted for a float)."""
+    hints = typing.get_type_hints(params_cls)
+    for name, value in given.items():
+        allowed = typing.get_args(hints[name]) or (hints[name],)        # int | None -> (int, NoneType)
+        ok = any(value is None if t is type(None) else
+                 isinstance(value, t) and not (isinstance(value, bool) and t is not bool) or
+                 (t is float and isinstance(value, int) and not isinstance(value, bool)) for t in allowed)
+        if not ok:
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"method {method} parameter {name} must be {want}, got {value!r} "
+                             f"({type(value).__name__})")
 
 
 def kaiming_uniform_A(shape, generator):

@@ -56,6 +56,12 @@ def export_peft(run_dir, out_dir, federation=0):
     F = next(iter(glob.values())).shape[0]
     if not 0 <= federation < F:
         raise ValueError(f"federation must be in 0..{F - 1} (the run has {F} federations), got {federation}")
+    summary_path = run_dir / "summary.json"
+    feds = json.loads(summary_path.read_text()).get("federations", []) if summary_path.exists() else []
+    failed = [f for f in feds if f.get("federation") == federation and f.get("status") == "failed"]
+    if failed:
+        raise ValueError(f"federation {federation} failed ({failed[0]['failure']['reason']}): its saved state is the "
+                         f"last finite one, not a trained model; export another federation")
     if any(k.endswith(".sparse") for k in glob):
         raise ValueError("this SLoRA run ended in stage 1 (a sparse delta, not LoRA): nothing to export as peft LoRA")
     modules = [k[: -len(".lora_A")] for k in glob if k.endswith(".lora_A")]

@@ -88,15 +88,24 @@ def _labels(run):
     return {k: v for k, v in run["meta"]["labels"].items() if k not in ("task", "method")}
 
 
+def finished_federations(summary):
+    """Federations of a run that trained to the end: all of a finished run's, the healthy ones of a run whose
+    other federations diverged (fedsim.run freezes those and marks them failed), none of a crashed run."""
+    status = summary.get("status", "")
+    if status != "finished" and not status.endswith("federations diverged"):
+        return []
+    return [f for f in summary.get("federations", []) if f.get("status", "finished") == "finished"]
+
+
 def federation_frame(runs):
-    """One row per (run, federation) of finished runs: labels, variant keys, seed, final metrics, bytes."""
+    """One row per (run, federation) that finished: labels, variant keys, seed, final metrics, bytes."""
     rows = []
     for r in runs:
         s, cfg = r["summary"], r["cfg"]
-        if s.get("status") != "finished" or cfg is None:
+        if cfg is None:
             continue
         task = cfg["task"]
-        for f in s["federations"]:
+        for f in finished_federations(s):
             row = dict(run=r["name"], task=task, method=cfg["method"]["name"], seed=f["seed"],
                        variant=_variant_str(f.get("variant")), **_labels(r))
             for k, v in (f.get("variant") or {}).items():
@@ -121,11 +130,12 @@ def curve_frame(runs):
     """One row per (run, federation, evaluated round): accuracy and cumulative upload."""
     rows = []
     for r in runs:
-        if r["summary"].get("status") != "finished" or r["cfg"] is None:
+        if r["cfg"] is None:
             continue
         split = primary_split(r["cfg"]["task"])
+        healthy = {f["federation"] for f in finished_federations(r["summary"])}
         for m in r["metrics"]:
-            if f"acc_{split}" not in m:
+            if f"acc_{split}" not in m or m["federation"] not in healthy:
                 continue
             rows.append(dict(run=r["name"], task=r["cfg"]["task"], method=r["cfg"]["method"]["name"],
                              federation=m["federation"], seed=m["seed"], variant=_variant_str(m.get("variant")),
@@ -936,7 +946,10 @@ def build(root, profile, families=None):
         if fam == "slora":
             ctx["slora_ran"] = True
         RENDER.get(fam, lambda *_: None)(w, runs, ctx)
-        bad = [f"run `{r['name']}`: {r['summary'].get('status')}" for r in runs if r["summary"].get("status") != "finished"]
+        bad = [f"run `{r['name']}`: {r['summary'].get('status')}" + "".join(
+            f"; seed {f['seed']} {_variant_str(f.get('variant'))}: {f['failure']['reason']}"
+            for f in r["summary"].get("federations", []) if f.get("status") == "failed")
+            for r in runs if r["summary"].get("status") != "finished"]
         status = [f"{len(runs) - len(bad)} of {len(runs)} runs finished"] + bad
         sections[fam] = (setting_line(runs), status, provenance(runs), w.items)
     heat = partition_heatmaps(root, profile, all_runs)

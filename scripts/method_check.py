@@ -68,7 +68,7 @@ def main(argv=None):
                 s = run(cfg, Path(args.out) / name, progress=False)
                 fed = s["federations"][0]
                 rows.append(dict(task=task, method=method, dp=f"eps={eps:g}" if eps else "none", status=s["status"],
-                                 accuracy=round(next(iter(fed["final"].values()), float("nan")), 4),
+                                 accuracy=round(next(iter((fed["final"] or {}).values()), float("nan")), 4),
                                  upload_MB_per_round=upload_by_round(Path(args.out) / name),
                                  epsilon_spent=round(fed["epsilon_spent"], 3) if eps else None,
                                  wall_s=s["wall_s"]))

@@ -12,8 +12,10 @@ and sweeps (optimizer.lr, lora.alpha, dp.epsilon) are federations inside one run
 
 Each run goes to <results>/<family>/<profile>/<run-name>/ through fedsim.run.run: a finished run is
 skipped, a killed one resumes. Every run directory also gets run.json (family, profile, axis labels,
-notes) for the figures step. A run that raises is recorded as failed (summary.json with status
-"failed: ...") and the sweep goes on; a non-finite loss is recorded as failed by fedsim.run itself.
+notes) for the figures step. A run that fedsim.run refuses before any compute (bad input, a run
+directory of another config) is reported as "refused", not recorded as failed; a run that raises
+later is recorded as failed (summary.json with status "failed: ...") and the sweep goes on; diverged
+federations are recorded as failed by fedsim.run itself (the healthy ones still count).
 Failed runs are skipped on the next call unless --retry-failed is given. A run whose config equals a
 finished run of another family (e.g. rank r=8 = the ffa_table run) is copied from it, not rerun
 (run.json says `copied_from`). A finished run whose saved config differs from configs/ is reported as
@@ -164,7 +166,7 @@ def _atomic_write(path, text):
 
 def run_one(family, profile, spec, root, retry_failed=False, runner=None, progress=True):
     """Run (or skip) one run; never raises for a failing run. Returns (status, seconds)."""
-    from fedsim.run import run as fedsim_run
+    from fedsim.run import RunError, run as fedsim_run
     runner = runner or fedsim_run
     out = Path(root) / family / profile / spec["name"]
     summary_path = out / "summary.json"
@@ -184,8 +186,8 @@ def run_one(family, profile, spec, root, retry_failed=False, runner=None, progre
         if (out / "config.yaml").exists():
             old = yaml.safe_load((out / "config.yaml").read_text())
             if old != cfg:
-                raise RuntimeError(f"{out} holds a run of a different config (configs/ changed since); "
-                                   f"delete that directory to rerun it")
+                raise RunError(f"{out} holds a run of a different config (configs/ changed since); "
+                               f"delete that directory to rerun it")
         out.mkdir(parents=True, exist_ok=True)
         twin = find_twin(root, profile, cfg, out)
         if twin is not None:                      # the same experiment in another family: reuse, don't rerun
@@ -201,6 +203,9 @@ def run_one(family, profile, spec, root, retry_failed=False, runner=None, progre
             _atomic_write(out / "partitions.csv", partition_csv(cfg))
         summary = runner(cfg, out, progress=progress)
         status = summary.get("status", "?")
+    except RunError as e:                       # refused before any compute: report, write nothing there
+        status = f"refused: {e}"
+        print(f"  REFUSED {family}/{spec['name']}: {e}", file=sys.stderr, flush=True)
     except Exception as e:                      # record and go on; KeyboardInterrupt still stops the sweep
         status = f"failed: {type(e).__name__}: {e}"
         out.mkdir(parents=True, exist_ok=True)

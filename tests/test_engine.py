@@ -60,7 +60,7 @@ def test_evaluate_gives_one_accuracy_per_federation(make_model, sst2_small):
     ({"client_fraction": 0.0}, r"client_fraction must be in \(0, 1\]"),
     ({"client_fraction": 1.5}, r"client_fraction must be in \(0, 1\]"),
     ({"local_steps": 0}, "local_steps"),
-    ({"partition": {"name": "dirichlet", "alpha": 0.0}}, "alpha must be > 0"),
+    ({"partition": {"name": "dirichlet", "alpha": 0.0}}, "alpha must be a finite number > 0"),
     ({"dp.epsilon": -1}, "epsilon"),
     ({"dp.epsilon": 3, "dp.delta": 1.5}, "delta"),
     ({"dp.epsilon": 3, "dp.max_grad_norm": 0}, "max_grad_norm|C"),

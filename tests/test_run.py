@@ -100,3 +100,51 @@ def test_run_federation_equals_its_solo_run(tmp_path):
     for name, v in g_solo.items():
         assert torch.equal(g_shared[name][f], v[0]), name
     assert not torch.equal(g_shared["classifier.weight"][2], g_solo["classifier.weight"][0])  # eps 3: another run
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["nodp", "dp"])
+def test_a_diverging_federation_fails_alone_and_loudly(tmp_path, capsys, private):
+    """A huge learning rate in a sweep: that variant is frozen and marked failed (null accuracy, reason,
+    round), the process exits 1 with one line per failed federation, and the healthy federations end
+    exactly as they end in a run without the diverging variant. Under DP the non-finite per-sample
+    gradient itself is the reported failure (never clipped into a silent zero or NaN noise)."""
+    import torch
+    from fedsim.run import main
+    opt = ["optimizer.name=sgd", "dp.epsilon=3"] if private else []
+    huge = "1e30" if private else "1e6"
+    base = ["--config", str(REPO / "configs" / "smoke.yaml"), "--set", "rounds=2", "replica_chunk=2", *opt]
+    out = tmp_path / "sweep"
+    code = main([*base, f"sweep={{optimizer.lr: [0.002, {huge}]}}", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("federation ")]
+    assert len(lines) == 2 and all(f"optimizer.lr={float(huge)}" in line for line in lines), err
+    reason = "non-finite per-sample gradient" if private else "exceeds 100 x the loss of uniform guessing"
+    assert all(reason in line for line in lines), err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed: 2 of 4 federations diverged" and summary["rounds_done"] == 2
+    failed = [f for f in summary["federations"] if f["status"] == "failed"]
+    assert [f["federation"] for f in failed] == [1, 3]
+    assert all(f["final"] is None and f["failure"]["round"] == 1 and reason in f["failure"]["reason"] for f in failed)
+    rows = _metrics(out)
+    assert [r["round"] for r in rows if r["federation"] == 1] == [1]          # no rows after the failure
+    assert rows[1]["failed"] and rows[1]["acc_validation"] is None and rows[1]["loss"] is None
+    state = torch.load(out / "final_global.pt")["global"]
+    assert all(torch.isfinite(v).all() for v in state.values())              # frozen at its last finite state
+
+    healthy = tmp_path / "healthy"                                            # the same run without the bad lr
+    assert main([*base, "optimizer.lr=0.002", "--out", str(healthy)]) == 0
+    alone = json.loads((healthy / "summary.json").read_text())["federations"]
+    for f, solo in zip([summary["federations"][0], summary["federations"][2]], alone):
+        assert f["status"] == "finished" and f["final"] == solo["final"] and f["final_loss"] == solo["final_loss"]
+
+    capsys.readouterr()                        # a rerun does not skip silently: it reports and says how
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([*base, f"sweep={{optimizer.lr: [0.002, {huge}]}}", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--retry-failed" in err and len([x for x in err.splitlines() if x.startswith("federation ")]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --retry-failed runs it again from round 0: the same code and config fail the same way
+    assert main([*base, f"sweep={{optimizer.lr: [0.002, {huge}]}}", "--retry-failed", "--out", str(out)]) == 1
+    again = json.loads((out / "summary.json").read_text())
+    assert again["federations"] == summary["federations"] and _metrics(out) == rows

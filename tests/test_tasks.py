@@ -91,13 +91,25 @@ def test_subsample_is_seeded_subset():
 
 
 def test_missing_data_single_clear_error(nowhere):
-    with pytest.raises(tasks.DataNotFoundError) as e:
-        tasks.load_split("rte", "train", data_dir=nowhere / "nope")
+    with pytest.raises(tasks.DataNotFoundError) as e:             # nothing chosen: default dir, then hub
+        tasks.load_split("rte", "train")
     msg = str(e.value)
-    for place in ("data_dir argument", str(nowhere / "nope"), "default", str(nowhere / "no_default"),
-                  "hub", "nyu-mll/glue", "FEDSIM_DATA"):
+    for place in ("default", str(nowhere / "no_default"), "hub", "nyu-mll/glue", "FEDSIM_DATA", "Fix"):
         assert place in msg
-    assert isinstance(e.value, FileNotFoundError)
+    assert "\n" not in msg and isinstance(e.value, FileNotFoundError)
+
+
+def test_explicit_data_dir_is_honoured_never_a_fallback(nowhere, monkeypatch):
+    (nowhere / "d" / "rte").mkdir(parents=True)
+    shutil.copy(DATA / "rte" / "validation.parquet", nowhere / "d" / "rte")
+    monkeypatch.setattr(tasks, "DEFAULT_DATA_DIR", DATA)           # the default holds the data ...
+    with pytest.raises(tasks.DataNotFoundError) as e:              # ... but an explicit typo is an error
+        tasks.load_split("rte", "validation", data_dir=nowhere / "typo")
+    assert str(nowhere / "typo" / "rte" / "validation.parquet") in str(e.value)
+    assert str(DATA) not in str(e.value)
+    monkeypatch.setenv("FEDSIM_DATA", str(nowhere / "typo"))       # so is an explicit $FEDSIM_DATA
+    with pytest.raises(tasks.DataNotFoundError, match="FEDSIM_DATA"):
+        tasks.load_split("rte", "validation")
 
 
 def test_fedsim_data_env_and_data_dir(nowhere, monkeypatch):
@@ -106,8 +118,6 @@ def test_fedsim_data_env_and_data_dir(nowhere, monkeypatch):
     assert len(tasks.load_split("rte", "validation", data_dir=nowhere / "d")) == 277
     monkeypatch.setenv("FEDSIM_DATA", str(nowhere / "d"))
     assert len(tasks.load_split("rte", "validation")) == 277
-    with pytest.warns(UserWarning, match="not in"):  # a wrong explicit dir falls through, loudly
-        tasks.load_split("rte", "validation", data_dir=nowhere / "typo")
 
 
 def test_corrupt_parquet_names_file(tmp_path):
