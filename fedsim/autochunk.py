@@ -1,9 +1,14 @@
-"""Pick how many replicas share one forward/backward (measured once per shape, cached on disk).
+"""Pick how many replicas share one forward/backward on a CPU (measured once per shape, cached on disk).
 
 On a GPU all replicas in one pass is fastest until memory runs out. On a 2-core CPU a huge batch falls
 out of cache and runs slower than several smaller ones, so the engine measures a few chunk sizes on
 the real model and keeps the fastest. The result is cached in .cache/replica_chunk.json keyed by the
 device, model shape, batch shape and DP mode.
+
+Candidates are the divisors of the clients per round m, so a chunk never holds replicas of two
+federations, and the key depends on m, not on how many federations share the pass: a federation's
+chunks then have exactly the shapes and contents they have when it runs alone, and the pass equals
+the solo run bit for bit (GEMMs of other shapes round differently, which AdamW can amplify to 1e-2).
 """
 import json
 import os
@@ -20,17 +25,14 @@ CACHE = Path(os.environ.get("FEDSIM_CACHE") or Path(__file__).resolve().parent.p
 def _key(engine, seq_len):
     cfg = engine.stacked.model.config
     dev = torch.cuda.get_device_name() if engine.device.type == "cuda" else f"cpu{torch.get_num_threads()}"
-    return "|".join(map(str, (dev, cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, engine.R,
-                              engine.dp.max_batch if engine.dp else engine.b, seq_len,
-                              sorted(engine.tensors)[:1], len(engine.tensors), engine.dp is not None)))
+    # m and the expected batch b, not R or the padded Poisson size (which depend on the other federations)
+    return "|".join(map(str, (dev, cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, engine.m, engine.b,
+                              seq_len, sorted(engine.tensors)[:1], len(engine.tensors), engine.dp is not None)))
 
 
-def candidates(R):
-    out, c = [], 1
-    while c < R:
-        out.append(c)
-        c *= 2
-    return out + [R]
+def candidates(clients_per_round):
+    """Chunk sizes tried: the divisors of the clients per round (chunks never straddle two federations)."""
+    return [c for c in range(1, clients_per_round + 1) if clients_per_round % c == 0]
 
 
 def choose_replica_chunk(engine, seq_len, repeats=2, cache=CACHE):
@@ -53,7 +55,7 @@ def choose_replica_chunk(engine, seq_len, repeats=2, cache=CACHE):
         for name, g in engine.global_state.items():
             engine.tensors[name].copy_(g.repeat_interleave(engine.m, 0))
     rates, failed = {}, dict(engine.failed)     # timing steps may blow up a huge-lr federation: not a result
-    for c in candidates(engine.R):
+    for c in candidates(engine.m):
         opt = make_optimizer(engine.opt_cfg, engine.lr)
         rs = slice(0, c)
         engine._local_step(0, 0, rs, rows[rs, 0], masks[rs, 0], ids[rs], trainable, opt)   # warm-up

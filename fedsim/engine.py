@@ -249,18 +249,24 @@ class FederatedEngine:
         for layer in self.stacked.lora.values():           # ... with their federation's LoRA scale
             layer.scale[:F_] = layer.scale[::self.m].clone()
         st = self.stacked.state
-        st.active, st.buffer = slice(0, F_), None
+        st.buffer = None
+        # as many federations per forward as a training chunk holds whole ones (at least one): with chunks
+        # inside a federation, each federation is evaluated alone, exactly as in its solo run
+        per_pass = max(1, self.chunk // self.m)
         out = {}
         for split, data in self.eval_sets.items():
             correct = torch.zeros(F_)
             n = len(data["labels"])
-            for i in range(0, n, self.eval_batch_size):
-                idx = torch.arange(i, min(i + self.eval_batch_size, n))
-                rows = idx.repeat(F_)                             # every federation sees the same rows
-                inputs, labels = _index_rows(data, rows, self.device)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_is_cuda(self.device)):
-                    logits = self.stacked(**_trim(inputs))
-                correct += (logits.argmax(-1) == labels).view(F_, -1).sum(1).float().cpu()
+            for f0 in range(0, F_, per_pass):
+                fs = slice(f0, min(f0 + per_pass, F_))
+                st.active = fs
+                for i in range(0, n, self.eval_batch_size):
+                    idx = torch.arange(i, min(i + self.eval_batch_size, n))
+                    rows = idx.repeat(fs.stop - fs.start)         # every federation sees the same rows
+                    inputs, labels = _index_rows(data, rows, self.device)
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_is_cuda(self.device)):
+                        logits = self.stacked(**_trim(inputs))
+                    correct[fs] += (logits.argmax(-1) == labels).view(fs.stop - fs.start, -1).sum(1).float().cpu()
             out[split] = (correct / n).tolist()
         for layer in self.stacked.lora.values():
             layer.scale.copy_(layer.scale[:F_].repeat_interleave(self.m))

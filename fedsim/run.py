@@ -139,8 +139,14 @@ class Experiment:
         return engine
 
     def tune(self, engine):
-        """Replicas per forward/backward: measured on a CPU unless the config fixes it (compute: runs steps)."""
-        if self.cfg["replica_chunk"] is None and self.device.type == "cpu" and engine.R > 1:
+        """Replicas per forward/backward unless the config fixes it: all of them on a GPU; on a CPU a
+        divisor of the clients per round, measured (compute: runs steps), so that a federation computes
+        exactly what it computes alone (fedsim/autochunk.py)."""
+        if self.cfg["replica_chunk"] is not None or self.device.type != "cpu":
+            return
+        if engine.m == 1:
+            engine.chunk = 1
+        else:
             choose_replica_chunk(engine, engine.train["input_ids"].shape[1])
 
 

@@ -81,11 +81,12 @@ def test_bad_input_never_touches_an_existing_run(tmp_path):
 
 
 def test_run_federation_equals_its_solo_run(tmp_path):
-    """Through the whole pipeline (config -> partitions -> DP calibration -> engine): seed 1 at epsilon 8,
-    run inside seeds [0, 1] x sweep dp.epsilon [3, 8], equals seed 1 at epsilon 8 run alone. Chunks of one
-    federation's replicas (m = 2) keep every GEMM shape, so equality is exact."""
+    """Through the whole pipeline (config -> partitions -> DP calibration -> chunk choice -> engine): seed 1
+    at epsilon 8, run inside seeds [0, 1] x sweep dp.epsilon [3, 8], equals seed 1 at epsilon 8 run alone,
+    bit for bit: on a CPU the chosen chunk never straddles federations and is keyed by the clients per
+    round, so every GEMM has the shape it has alone."""
     import torch
-    base = dict(SMOKE, replica_chunk=2, rounds=2)
+    base = dict(SMOKE, rounds=2)                           # replica_chunk: null, chosen by the engine
     shared = run(load_config(overrides=dict(base, seeds=[0, 1], sweep={"dp.epsilon": [3.0, 8.0]})),
                  tmp_path / "shared", progress=False)
     solo = run(load_config(overrides=dict(base, seeds=[1], **{"dp.epsilon": 8.0})), tmp_path / "solo",
