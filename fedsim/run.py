@@ -268,7 +268,7 @@ def _read(path, parse, what, binary=False):
     try:
         return parse(path.read_bytes() if binary else path.read_text())
     except Exception as e:                    # truncated, empty, not the format: say which file and what to do
-        first = (str(e).strip().splitlines() or [""])[0][:120]
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120]       # its first sentence
         fix = ("delete it to restart the run from round 0" if what == "checkpoint.pt" else
                f"delete {path.parent} (or choose a new --out) to start the run over")
         raise RunError(f"cannot read {path} ({type(e).__name__}{': ' + first if first else ''}): the {what} is "

@@ -97,3 +97,34 @@ def test_sweep_variants_share_the_noise_draw(make_model, sst2_small):
         d1, d2 = v[1] - v[0], v[2] - v[0]
         assert d1.norm() > 0
         assert rel_err(d2, 2 * d1) < 1e-4, name
+
+
+METHODS = [
+    {"name": "ffa_lora"},
+    {"name": "slora", "stage1_rounds": 1, "density": 0.05},            # both stages in 2 rounds
+    {"name": "sa_fedlora", "init_rounds": 1, "anneal_rounds": 1, "cooling_rank": 2, "mu": 0.1},  # 3 rounds:
+    # proximal term in round 1, rank 4 in round 2, truncated to rank 2 at the start of round 3
+    {"name": "fedavg_fft"},
+]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=[m["name"] for m in METHODS])
+def test_every_method_in_a_pass_equals_itself_alone(make_model, sst2_small, method):
+    """Method hooks (stage switches, rank truncation, proximal terms, full fine-tuning) keep federations
+    apart too: two seeds x two learning rates in one pass, each equal to its solo run bit for bit (fp32,
+    chunks of one federation's replicas)."""
+    feds = PASSES["optimizer.lr"]
+    labels = sst2_small["labels"].numpy()
+
+    def engine(fs):
+        parts = [dirichlet_label_skew(labels, NUM_CLIENTS, alpha=0.5, seed=s) for s, *_ in fs]
+        return build_engine(make_model, sst2_small, parts, seeds=[f[0] for f in fs], optimizer=OPT,
+                            targets=TARGETS, fraction=FRACTION, K=2, lrs=[f[1] for f in fs], method=method, chunk=2)
+    rounds = 3 if method["name"] == "sa_fedlora" else 2
+    shared = _final_global(engine(feds), rounds)
+    if method["name"] == "sa_fedlora":
+        assert shared[next(n for n in shared if n.endswith("lora_A"))].shape[1] == 2     # truncation happened
+    for f, fed in enumerate(feds):
+        solo = _final_global(engine([fed]), rounds)
+        for name, tensor in solo.items():
+            assert torch.equal(shared[name][f], tensor[0]), f"{method['name']} federation {fed}: {name}"
