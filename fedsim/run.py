@@ -120,7 +120,9 @@ class Experiment:
         from fedsim.tasks import load_tokenized
         cfg = self.cfg
         model, tok = load_backbone(cfg["model"], num_labels=self.task.num_labels,
-                                   num_hidden_layers=cfg["num_hidden_layers"], seed=cfg["seeds"][0])
+                                   num_hidden_layers=cfg["num_hidden_layers"], seed=0)
+        # seed=0, not a federation's: this shared model's own head is never used, every federation's head
+        # is drawn from its own seed by the method's init_global
         m = max(1, min(cfg["num_clients"], round(cfg["client_fraction"] * cfg["num_clients"])))
         R = len(self.feds) * m
         stacked = self.method.build_stacked(model, R).to(self.device)    # the method picks its container
