@@ -191,9 +191,18 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
             f"# fedsim resolved config; config_hash {config_hash(cfg)} (see fedsim/config.py)\n"
             + yaml.safe_dump(cfg, sort_keys=False)))
     records, wall = [], 0.0
+    env = environment(exp.device)
+    # code that computed the rounds, oldest first: a run resumed after a new commit says so in env.json
+    here = {"git_commit": env["git_commit"], "git_dirty": env["git_dirty"], "from_round": engine.round_idx + 1}
+    code = [here]
     if state is not None:
         engine.load_state_dict(state["engine"])
         records, wall = state["records"], state["wall"]
+        code = list(state.get("code", []))
+        here["from_round"] = engine.round_idx + 1
+        if not code or {k: code[-1][k] for k in ("git_commit", "git_dirty")} != \
+                {k: here[k] for k in ("git_commit", "git_dirty")}:
+            code.append(here)
     try:
         exp.tune(engine)
     except PoissonOverflowError as e:
@@ -229,14 +238,16 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
                         **{k: f"{np.mean([v[i] for i in healthy]):.3f}" for k, v in acc.items() if healthy})
         _atomic(metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in records)))
         _atomic(ckpt, lambda p: torch.save({"engine": engine.state_dict(), "records": records, "wall": wall,
-                                            "config": cfg, "config_hash": config_hash(cfg)}, p))
+                                            "config": cfg, "config_hash": config_hash(cfg), "code": code}, p))
     summary = summarize(exp, engine, records, wall)
     if engine.stacked.lora:                      # LoRA methods: final global adapters (small), for export
         _atomic(out / "final_global.pt", lambda p: torch.save(
             {"global": {k: v.cpu() for k, v in engine.global_state.items()},
              "lora_scale": {n: l.scale.view(len(exp.feds), -1)[:, 0].cpu() for n, l in engine.stacked.lora.items()}},
             p))
-    _atomic(out / "env.json", lambda p: p.write_text(json.dumps(environment(exp.device), indent=2)))
+    if len(code) > 1:                            # resumed under other code: every version that computed rounds
+        env["code_by_round"] = code
+    _atomic(out / "env.json", lambda p: p.write_text(json.dumps(env, indent=2)))
     _atomic(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2)))
     ckpt.unlink(missing_ok=True)
     return summary

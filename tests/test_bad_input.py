@@ -246,3 +246,19 @@ def test_poisson_overflow_mid_run_is_one_line_and_resumes(tmp_path, capsys):
     assert fedsim_run.main([*base, "--out", str(tmp_path / "straight")]) == 0
     a, b = (json.loads((d / "summary.json").read_text())["federations"] for d in (out, tmp_path / "straight"))
     assert [f["final"] for f in a] == [f["final"] for f in b]
+
+
+def test_resume_under_new_code_is_recorded_in_env(interrupted_run, tmp_path):
+    """Resuming after a new commit is normal (long runs span sessions), but provenance must say which code
+    computed which rounds: env.json lists every version, oldest first."""
+    import json
+    run_dir = tmp_path / "run"
+    shutil.copytree(interrupted_run, run_dir)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert state["code"][0]["from_round"] == 1
+    state["code"] = [dict(state["code"][0], git_commit="0" * 40)]                # as if written by older code
+    torch.save(state, run_dir / "checkpoint.pt")
+    assert fedsim_run.main(["--config", SMOKE, "--set", *BASE_SET, "--out", str(run_dir)]) == 0
+    env = json.loads((run_dir / "env.json").read_text())
+    assert [c["git_commit"] for c in env["code_by_round"]] == ["0" * 40, env["git_commit"]]
+    assert env["code_by_round"][1]["from_round"] == 2
