@@ -232,8 +232,11 @@ def _typed(key, value, kind):
 
 def _open_section_numbers(section):
     """Method/partition parameters: numeric strings ("1e-2") become numbers; the owner checks the rest."""
-    return {k: (_number(v) if k != "name" and isinstance(v, str) and _number(v) is not None else v)
-            for k, v in section.items()}
+    out = dict(section)
+    for k, v in section.items():
+        if k != "name" and isinstance(v, str) and _number(v) is not None:
+            out[k] = _number(v)
+    return out
 
 
 def validate(cfg):
@@ -268,7 +271,8 @@ def validate(cfg):
     if any(e is None for e in eps) and any(e is not None for e in eps):
         raise ValueError("the dp.epsilon sweep mixes private (a number) and non-private (null) federations; "
                          "run them as two runs")
-    for seed, variant in federations(cfg):           # every sweep value meets the same checks as the key
+    variants = [v for seed, v in federations(cfg) if seed == cfg["seeds"][0]]    # the same for every seed
+    for variant in variants:                         # every sweep value meets the same checks as the key
         if variant:
             one = copy.deepcopy(cfg)
             for k, v in variant.items():

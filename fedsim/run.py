@@ -190,19 +190,15 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
         _atomic(out / "config.yaml", lambda p: p.write_text(
             f"# fedsim resolved config; config_hash {config_hash(cfg)} (see fedsim/config.py)\n"
             + yaml.safe_dump(cfg, sort_keys=False)))
-    records, wall = [], 0.0
-    env = environment(exp.device)
-    # code that computed the rounds, oldest first: a run resumed after a new commit says so in env.json
-    here = {"git_commit": env["git_commit"], "git_dirty": env["git_dirty"], "from_round": engine.round_idx + 1}
-    code = [here]
+    records, wall, code = [], 0.0, []
     if state is not None:
         engine.load_state_dict(state["engine"])
-        records, wall = state["records"], state["wall"]
-        code = list(state.get("code", []))
-        here["from_round"] = engine.round_idx + 1
-        if not code or {k: code[-1][k] for k in ("git_commit", "git_dirty")} != \
-                {k: here[k] for k in ("git_commit", "git_dirty")}:
-            code.append(here)
+        records, wall, code = state["records"], state["wall"], state.get("code", [])
+    # the code that computed the rounds, oldest first: a run resumed after a new commit says so in env.json
+    env = environment(exp.device)
+    version = (env["git_commit"], env["git_dirty"])
+    if not code or (code[-1]["git_commit"], code[-1]["git_dirty"]) != version:
+        code = code + [dict(git_commit=version[0], git_dirty=version[1], from_round=engine.round_idx + 1)]
     try:
         exp.tune(engine)
     except PoissonOverflowError as e:

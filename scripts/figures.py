@@ -97,6 +97,15 @@ def finished_federations(summary):
     return [f for f in summary.get("federations", []) if f.get("status", "finished") == "finished"]
 
 
+def _status_line(run):
+    """`run name`: status, then each failed federation's seed, variant and reason."""
+    line = f"run `{run['name']}`: {run['summary'].get('status')}"
+    for f in run["summary"].get("federations", []):
+        if f.get("status") == "failed":
+            line += f"; seed {f['seed']} {_variant_str(f.get('variant'))}: {f['failure']['reason']}"
+    return line
+
+
 def federation_frame(runs):
     """One row per (run, federation) that finished: labels, variant keys, seed, final metrics, bytes."""
     rows = []
@@ -946,10 +955,7 @@ def build(root, profile, families=None):
         if fam == "slora":
             ctx["slora_ran"] = True
         RENDER.get(fam, lambda *_: None)(w, runs, ctx)
-        bad = [f"run `{r['name']}`: {r['summary'].get('status')}" + "".join(
-            f"; seed {f['seed']} {_variant_str(f.get('variant'))}: {f['failure']['reason']}"
-            for f in r["summary"].get("federations", []) if f.get("status") == "failed")
-            for r in runs if r["summary"].get("status") != "finished"]
+        bad = [_status_line(r) for r in runs if r["summary"].get("status") != "finished"]
         status = [f"{len(runs) - len(bad)} of {len(runs)} runs finished"] + bad
         sections[fam] = (setting_line(runs), status, provenance(runs), w.items)
     heat = partition_heatmaps(root, profile, all_runs)
