@@ -23,6 +23,7 @@ DEFAULTS = {
     "strip_metadata": False,     # 20 Newsgroups: drop headers/footers/quotes like scikit-learn
     "model": "all-MiniLM-L6-v2",
     "num_hidden_layers": None,   # keep the first k pretrained layers
+    "pooling": "auto",           # mean | cls; auto = the backbone's own (sentence-transformers: mean)
     "num_clients": 3,
     "client_fraction": 1.0,
     "partition": {"name": "dirichlet", "alpha": 0.5},
@@ -55,7 +56,7 @@ RESULT_NEUTRAL = ("device", "replica_chunk", "eval_batch_size", "dp.max_batch_fa
 # module names or one string such as "all-linear".
 TYPES = {
     "task": "str", "data_dir": "str?", "max_length": "int", "padding": "str", "train_subsample": "int?",
-    "eval_subsample": "int?", "strip_metadata": "bool", "model": "str", "num_hidden_layers": "int?",
+    "eval_subsample": "int?", "strip_metadata": "bool", "model": "str", "num_hidden_layers": "int?", "pooling": "str",
     "num_clients": "int", "client_fraction": "float", "rounds": "int", "local_steps": "int",
     "batch_size": "int", "eval_every": "int", "eval_batch_size": "int",
     "lora.rank": "int", "lora.alpha": "float", "lora.targets": "targets",
@@ -322,6 +323,8 @@ def _check_values(cfg):
     need(opt["eps"] > 0, f"optimizer.eps must be > 0 (got {opt['eps']}); AdamW's default is 1e-8")
     need(all(0 <= b < 1 for b in opt["betas"]), f"optimizer.betas must be in [0, 1) (got {opt['betas']}); "
          "AdamW's default is [0.9, 0.999]")
+    need(cfg["pooling"] in ("auto", "mean", "cls"), f"pooling must be auto, mean or cls (got {cfg['pooling']!r}); "
+                                                    f"auto uses the backbone's own convention")
     need(cfg["padding"] in ("longest", "max_length"), f"padding must be 'longest' or 'max_length' (got {cfg['padding']})")
     dp = cfg["dp"]
     need(dp["max_batch_factor"] > 0, f"dp.max_batch_factor must be > 0 (got {dp['max_batch_factor']}); try 5.0")

