@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedsim.dp import (DPConfig, clip_and_noise, epsilon_spent, max_poisson_batch, noise_multiplier_for,
+from fedsim.dp import (RDP_ORDERS, DPConfig, clip_and_noise, epsilon_spent, max_poisson_batch, noise_multiplier_for,
                        validate_dp)
 from fedsim.rng import torch_generator
 
@@ -124,10 +124,37 @@ def test_unknown_backend():
 def test_noise_multiplier_matches_opacus_and_spends_target():
     sigma = noise_multiplier_for(3, 1e-5, 0.01, 1000)
     assert sigma == get_noise_multiplier(target_epsilon=3, target_delta=1e-5, sample_rate=0.01, steps=1000,
-                                         accountant="rdp")
+                                         accountant="rdp", alphas=list(RDP_ORDERS))
     eps = epsilon_spent(sigma, 0.01, 1000, 1e-5, "rdp")
     assert 3 - 0.011 <= eps <= 3  # opacus' binary search stops within epsilon_tolerance=0.01 below target
     assert epsilon_spent(sigma * 1.1, 0.01, 1000, 1e-5, "rdp") < eps  # more noise, less privacy spent
+
+
+@pytest.mark.parametrize("q,steps,sigma", [(0.1, 3, 6.0), (0.02, 30, 3.0), (0.3, 3, 12.0)])
+def test_rdp_orders_wide_enough_for_few_large_steps(q, steps, sigma):
+    """With few steps and a large sigma (what calibrating a federated run's few large steps evaluates
+    while it searches sigma) Opacus' default orders (up to 63) end at the optimum and overstate epsilon;
+    fedsim's grid finds the optimum inside (no warning) and a smaller epsilon, still an upper bound on
+    the near-exact PRV accountant's."""
+    import warnings
+    from opacus.accountants import RDPAccountant
+    acc = RDPAccountant()
+    acc.history = [(sigma, q, steps)]
+    with pytest.warns(UserWarning, match="largest alpha"):
+        default = acc.get_epsilon(1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # the warning would now fail the test
+        ours = epsilon_spent(sigma, q, steps, 1e-5, "rdp")
+    prv = epsilon_spent(sigma, q, steps, 1e-5, "prv")
+    assert prv < ours < default
+
+
+def test_calibrating_a_few_step_run_warns_nothing():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sigma = noise_multiplier_for(1.0, 1e-5, 0.1, 9)
+    assert 1.0 - 0.011 <= epsilon_spent(sigma, 0.1, 9, 1e-5, "rdp") <= 1.0
 
 
 def test_prv_accountant():
