@@ -19,6 +19,7 @@ DEFAULTS = {
     "max_length": 64,
     "padding": "longest",        # or max_length
     "train_subsample": None,     # rows of the train split (deterministic) for quick runs
+    "dev_fraction": 0.0,         # hold out this share of the training rows as split "dev" (tuning), never trained on
     "eval_subsample": 1000,
     "strip_metadata": False,     # 20 Newsgroups: drop headers/footers/quotes like scikit-learn
     "model": "all-MiniLM-L6-v2",
@@ -44,7 +45,7 @@ DEFAULTS = {
     "device": "auto",
 }
 
-SWEEPABLE = ("optimizer.lr", "lora.alpha", "dp.epsilon")
+SWEEPABLE = ("optimizer.lr", "lora.alpha", "dp.epsilon", "dp.max_grad_norm")
 OPEN_SECTIONS = ("method", "partition")
 OPTIMIZERS = ("sgd", "adamw")
 # Keys that change how a run is computed but not its numbers (beyond float rounding): a run may resume
@@ -56,7 +57,7 @@ RESULT_NEUTRAL = ("device", "replica_chunk", "eval_batch_size", "dp.max_batch_fa
 # module names or one string such as "all-linear".
 TYPES = {
     "task": "str", "data_dir": "str?", "max_length": "int", "padding": "str", "train_subsample": "int?",
-    "eval_subsample": "int?", "strip_metadata": "bool", "model": "str", "num_hidden_layers": "int?", "pooling": "str",
+    "eval_subsample": "int?", "dev_fraction": "float", "strip_metadata": "bool", "model": "str", "num_hidden_layers": "int?", "pooling": "str",
     "num_clients": "int", "client_fraction": "float", "rounds": "int", "local_steps": "int",
     "batch_size": "int", "eval_every": "int", "eval_batch_size": "int",
     "lora.rank": "int", "lora.alpha": "float", "lora.targets": "targets",
@@ -272,6 +273,8 @@ def validate(cfg):
     if any(e is None for e in eps) and any(e is not None for e in eps):
         raise ValueError("the dp.epsilon sweep mixes private (a number) and non-private (null) federations; "
                          "run them as two runs")
+    if "dp.max_grad_norm" in cfg["sweep"] and all(e is None for e in eps):
+        raise ValueError("sweep.dp.max_grad_norm needs a private run: set dp.epsilon (or sweep it)")
     variants = [v for seed, v in federations(cfg) if seed == cfg["seeds"][0]]    # the same for every seed
     for variant in variants:                         # every sweep value meets the same checks as the key
         if variant:
@@ -323,6 +326,8 @@ def _check_values(cfg):
     need(opt["eps"] > 0, f"optimizer.eps must be > 0 (got {opt['eps']}); AdamW's default is 1e-8")
     need(all(0 <= b < 1 for b in opt["betas"]), f"optimizer.betas must be in [0, 1) (got {opt['betas']}); "
          "AdamW's default is [0.9, 0.999]")
+    need(0 <= cfg["dev_fraction"] < 0.5, f"dev_fraction must be in [0, 0.5) (got {cfg['dev_fraction']}); it is the "
+                                          f"share of training rows held out for tuning, e.g. 0.15")
     need(cfg["pooling"] in ("auto", "mean", "cls"), f"pooling must be auto, mean or cls (got {cfg['pooling']!r}); "
                                                     f"auto uses the backbone's own convention")
     need(cfg["padding"] in ("longest", "max_length"), f"padding must be 'longest' or 'max_length' (got {cfg['padding']})")

@@ -37,6 +37,7 @@ class Federation:
     lora_alpha: float
     noise_multiplier: float = 0.0
     partitions: list = field(default_factory=list)     # index arrays, one per client
+    max_grad_norm: float | None = None                  # DP clip norm C; None = DPSetup's
 
 
 @dataclass
@@ -74,6 +75,8 @@ class FederatedEngine:
         rep = lambda vals: torch.tensor(vals, dtype=self.dtype, device=device).repeat_interleave(self.m)  # noqa
         self.lr = rep([f.lr for f in federations])
         self.sigma = rep([f.noise_multiplier for f in federations])
+        if dp is not None:
+            self.clip = rep([dp.max_grad_norm if f.max_grad_norm is None else f.max_grad_norm for f in federations])
         for layer in stacked.lora.values():
             layer.scale.copy_(rep([f.lora_alpha / stacked.rank for f in federations]))
         self.global_state = {k: v.to(device, self.dtype) for k, v in
@@ -204,7 +207,7 @@ class FederatedEngine:
             expected = torch.tensor([self.dp.sample_rate * len(self.feds[i].partitions[c]) for i, c in client_ids],
                                     device=self.device, dtype=self.dtype)
             keys = [(self.feds[i].seed, "noise", t, c, s) for i, c in client_ids]
-            grads = buf.unflatten(clip_and_noise(buf.flat, self.dp.max_grad_norm, self.sigma[rs], expected, keys,
+            grads = buf.unflatten(clip_and_noise(buf.flat, self.clip[rs], self.sigma[rs], expected, keys,
                                                  sq_norms=buf.sq_norms))
         else:
             grads = buf.summed

@@ -75,6 +75,15 @@ def environment(device):
             "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "libraries": libs}
 
 
+def dev_split(num_rows, dev_fraction):
+    """(train rows, dev rows): round(dev_fraction * num_rows) rows held out by a fixed key (the same for
+    every seed and variant, so tuning compares every candidate on the same rows), both sorted."""
+    from fedsim.rng import numpy_rng
+    n_dev = int(round(dev_fraction * num_rows))
+    perm = numpy_rng("dev split", num_rows).permutation(num_rows)
+    return np.sort(perm[n_dev:]), np.sort(perm[:n_dev])
+
+
 class Experiment:
     """Everything built from a config, validated before compute."""
 
@@ -91,14 +100,17 @@ class Experiment:
         self.method = make_method(cfg["method"], cfg["lora"])          # unknown method/params: error now
         labels = load_split(self.task, self.task.train_split, data_dir=cfg["data_dir"],
                             subsample=cfg["train_subsample"], strip_metadata=cfg["strip_metadata"])["label"].to_numpy()
+        self.train_rows, self.dev_rows = dev_split(len(labels), cfg["dev_fraction"])
+        self.eval_splits = dict(self.task.eval_splits, **({"dev": None} if len(self.dev_rows) else {}))
         pcfg = dict(cfg["partition"])
         pname = pcfg.pop("name")
         self.feds = []
-        for seed, variant in federations(cfg):
-            parts = make_partition(pname, labels, cfg["num_clients"], seed, **pcfg)
+        for seed, variant in federations(cfg):      # clients split the training rows (dev rows excluded)
+            parts = [self.train_rows[p] for p in
+                     make_partition(pname, labels[self.train_rows], cfg["num_clients"], seed, **pcfg)]
             self.feds.append(Federation(seed=seed, lr=variant.get("optimizer.lr", cfg["optimizer"]["lr"]),
                                         lora_alpha=variant.get("lora.alpha", cfg["lora"]["alpha"]),
-                                        partitions=parts))
+                                        max_grad_norm=variant.get("dp.max_grad_norm"), partitions=parts))
             self.feds[-1].variant = variant
         self.dp, self.epsilons = None, [None] * len(self.feds)
         dp = cfg["dp"]
@@ -106,7 +118,7 @@ class Experiment:
         if any(e is not None for e in eps_list):
             # q = expected batch / mean client size. Partitions cover every row, so the mean client size is
             # rows / clients for every seed: q never depends on which federations share the pass.
-            q = min(1.0, cfg["batch_size"] * cfg["num_clients"] / len(labels))
+            q = min(1.0, cfg["batch_size"] * cfg["num_clients"] / len(self.train_rows))
             sizes = [len(p) for f in self.feds for p in f.partitions]     # max_batch: padding only, exact
             self.steps_per_client = cfg["rounds"] * cfg["local_steps"]   # upper bound: every round sampled
             for f, eps in zip(self.feds, eps_list):
@@ -133,6 +145,9 @@ class Experiment:
         train = load_tokenized(self.task, self.task.train_split, tok, subsample=cfg["train_subsample"], **kw)
         evals = {name: load_tokenized(self.task, split, tok, subsample=cfg["eval_subsample"], **kw)
                  for name, split in self.task.eval_splits.items()}
+        if len(self.dev_rows):                   # held-out training rows: what tuning scores on
+            dev = torch.as_tensor(self.dev_rows)
+            evals["dev"] = {k: v[dev] for k, v in train.items()}
         if self.device.type == "cuda":
             train = {k: v.pin_memory() for k, v in train.items()}
             evals = {s: {k: v.to(self.device) for k, v in d.items()} for s, d in evals.items()}
@@ -227,7 +242,7 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
                        cum_down_bytes=info["cum_down_bytes"], wall_s=round(wall, 3))
             if i in info["failed"]:
                 rec["failed"] = info["failed"][i]
-                rec.update({f"acc_{k}": None for k in exp.task.eval_splits})
+                rec.update({f"acc_{k}": None for k in exp.eval_splits})
             else:
                 rec.update({f"acc_{k}": v[i] for k, v in acc.items()})
             records.append(rec)

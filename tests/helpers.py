@@ -12,13 +12,15 @@ def rel_err(a, b):
 
 
 def build_engine(make_model, data, parts_per_fed, *, seeds, optimizer, targets, fraction, K=3, b=4, rank=4,
-                 alpha=8.0, method="fedavg_lora", dp=None, sigmas=None, chunk=None, lrs=None, alphas=None):
-    """One engine over len(seeds) federations; lrs / alphas / sigmas give each federation its own value."""
+                 alpha=8.0, method="fedavg_lora", dp=None, sigmas=None, chunk=None, lrs=None, alphas=None, clips=None):
+    """One engine over len(seeds) federations; lrs / alphas / sigmas / clips (DP clip norms) give each
+    federation its own value."""
     method = make_method(method if isinstance(method, dict) else {"name": method},   # a name or {name, params}
                          {"rank": rank, "alpha": alpha, "targets": targets})
     feds = [Federation(seed=s, lr=(lrs or [optimizer["lr"]] * len(seeds))[i],
                        lora_alpha=(alphas or [alpha] * len(seeds))[i],
-                       noise_multiplier=(sigmas or [0.0] * len(seeds))[i], partitions=p)
+                       noise_multiplier=(sigmas or [0.0] * len(seeds))[i], partitions=p,
+                       max_grad_norm=(clips or [None] * len(seeds))[i])
             for i, (s, p) in enumerate(zip(seeds, parts_per_fed))]
     m = max(1, round(fraction * len(parts_per_fed[0])))
     stacked = method.build_stacked(make_model(), len(seeds) * m)

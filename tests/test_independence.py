@@ -23,15 +23,19 @@ NUM_CLIENTS, FRACTION = 3, 2 / 3          # 2 of 3 clients per round: client sam
 DP = DPSetup(max_grad_norm=0.5, sample_rate=0.05, max_batch=32)
 TOL_FP64 = 1e-12                          # relative, on every final global tensor
 
-# Federations of one pass: (seed, lr, lora alpha, noise multiplier). A dp.epsilon sweep reaches the engine
-# as one noise multiplier per federation (fedsim.run calibrates each epsilon), so "epsilon" varies sigma.
+# Federations of one pass: (seed, lr, lora alpha, noise multiplier, clip norm). A dp.epsilon sweep reaches
+# the engine as one noise multiplier per federation (fedsim.run calibrates each epsilon), so "epsilon"
+# varies sigma; a dp.max_grad_norm sweep gives each federation its own clip norm C (noise std sigma * C).
 PASSES = {
-    "seeds": [(3, 0.1, 8.0, 0.7), (4, 0.1, 8.0, 0.7), (5, 0.1, 8.0, 0.7)],
-    "optimizer.lr": [(3, 0.1, 8.0, 0.7), (3, 0.03, 8.0, 0.7), (4, 0.1, 8.0, 0.7), (4, 0.03, 8.0, 0.7)],
-    "lora.alpha": [(3, 0.1, 8.0, 0.7), (3, 0.1, 32.0, 0.7), (4, 0.1, 8.0, 0.7), (4, 0.1, 32.0, 0.7)],
-    "dp.epsilon": [(3, 0.1, 8.0, 0.7), (3, 0.1, 8.0, 2.0), (4, 0.1, 8.0, 0.7), (4, 0.1, 8.0, 2.0)],
+    "seeds": [(3, 0.1, 8.0, 0.7, 0.5), (4, 0.1, 8.0, 0.7, 0.5), (5, 0.1, 8.0, 0.7, 0.5)],
+    "optimizer.lr": [(3, 0.1, 8.0, 0.7, 0.5), (3, 0.03, 8.0, 0.7, 0.5), (4, 0.1, 8.0, 0.7, 0.5), (4, 0.03, 8.0, 0.7, 0.5)],
+    "lora.alpha": [(3, 0.1, 8.0, 0.7, 0.5), (3, 0.1, 32.0, 0.7, 0.5), (4, 0.1, 8.0, 0.7, 0.5), (4, 0.1, 32.0, 0.7, 0.5)],
+    "dp.epsilon": [(3, 0.1, 8.0, 0.7, 0.5), (3, 0.1, 8.0, 2.0, 0.5), (4, 0.1, 8.0, 0.7, 0.5), (4, 0.1, 8.0, 2.0, 0.5)],
+    "dp.max_grad_norm": [(3, 0.1, 8.0, 0.7, 0.5), (3, 0.1, 8.0, 0.7, 0.05), (4, 0.1, 8.0, 0.7, 0.5),
+                         (4, 0.1, 8.0, 0.7, 0.05)],
 }
-CASES = [(k, private) for k in PASSES for private in (False, True) if private or k != "dp.epsilon"]
+PRIVATE_ONLY = ("dp.epsilon", "dp.max_grad_norm")
+CASES = [(k, private) for k in PASSES for private in (False, True) if private or k not in PRIVATE_ONLY]
 
 
 def _engine(make_model, data, feds, private, chunk, K=2):
@@ -39,7 +43,8 @@ def _engine(make_model, data, feds, private, chunk, K=2):
     parts = [dirichlet_label_skew(labels, NUM_CLIENTS, alpha=0.5, seed=s) for s, *_ in feds]
     return build_engine(make_model, data, parts, seeds=[f[0] for f in feds], optimizer=OPT, targets=TARGETS,
                         fraction=FRACTION, K=K, alphas=[f[2] for f in feds], lrs=[f[1] for f in feds],
-                        dp=DP if private else None, sigmas=[f[3] if private else 0.0 for f in feds], chunk=chunk)
+                        dp=DP if private else None, sigmas=[f[3] if private else 0.0 for f in feds],
+                        clips=[f[4] for f in feds] if private else None, chunk=chunk)
 
 
 def _final_global(engine, rounds=2):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedsim.config import load_config
@@ -155,3 +156,19 @@ def test_a_diverging_federation_fails_alone_and_loudly(tmp_path, capsys, private
     assert main([*base, f"sweep={{optimizer.lr: [0.002, {huge}]}}", "--retry-failed", "--out", str(out)]) == 1
     again = json.loads((out / "summary.json").read_text())
     assert again["federations"] == summary["federations"] and _metrics(out) == rows
+
+
+def test_dev_split_is_held_out_from_every_client_and_evaluated(tmp_path):
+    """dev_fraction holds out training rows (the same rows for every seed): no client trains on them, the
+    run evaluates them as split "dev", and the DP sampling rate counts only the rows clients hold."""
+    from fedsim.run import Experiment
+    cfg = load_config(overrides=dict(SMOKE, dev_fraction=0.2, rounds=1, **{"dp.epsilon": 3.0}))
+    exp = Experiment(cfg)
+    assert len(exp.dev_rows) == 40 and len(exp.train_rows) == 160
+    for fed in exp.feds:
+        held = set(np.concatenate(fed.partitions).tolist())
+        assert held == set(exp.train_rows.tolist()) and not held & set(exp.dev_rows.tolist())
+    assert exp.dp.sample_rate == pytest.approx(cfg["batch_size"] * cfg["num_clients"] / 160)
+    run(cfg, tmp_path / "r", progress=False)
+    rows = _metrics(tmp_path / "r")
+    assert all(0 <= r["acc_dev"] <= 1 and 0 <= r["acc_validation"] <= 1 for r in rows)
