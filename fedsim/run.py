@@ -216,10 +216,14 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
     version = (env["git_commit"], env["git_dirty"])
     if not code or (code[-1]["git_commit"], code[-1]["git_dirty"]) != version:
         code = code + [dict(git_commit=version[0], git_dirty=version[1], from_round=engine.round_idx + 1)]
-    try:
-        exp.tune(engine)
-    except PoissonOverflowError as e:
-        raise _overflow(e, cfg, engine) from e
+    if state is not None and cfg["replica_chunk"] is None and state.get("replica_chunk"):
+        engine.chunk = state["replica_chunk"]      # resume with the GEMM shapes the earlier rounds used
+    else:
+        try:
+            exp.tune(engine)
+        except PoissonOverflowError as e:
+            raise _overflow(e, cfg, engine) from e
+    env["replica_chunk"] = engine.chunk              # a chunk change alters float rounding: record it
     rounds = cfg["rounds"]
     bar = tqdm(range(engine.round_idx, rounds), initial=engine.round_idx, total=rounds, disable=not progress,
                desc=f"{cfg['task']}/{cfg['method']['name']}", unit="round")
@@ -251,7 +255,8 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
                         **{k: f"{np.mean([v[i] for i in healthy]):.3f}" for k, v in acc.items() if healthy})
         _atomic(metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in records)))
         _atomic(ckpt, lambda p: torch.save({"engine": engine.state_dict(), "records": records, "wall": wall,
-                                            "config": cfg, "config_hash": config_hash(cfg), "code": code}, p))
+                                            "config": cfg, "config_hash": config_hash(cfg), "code": code,
+                                            "replica_chunk": engine.chunk}, p))
     summary = summarize(exp, engine, records, wall)
     if engine.stacked.lora:                      # LoRA methods: final global adapters (small), for export
         _atomic(out / "final_global.pt", lambda p: torch.save(
