@@ -10,6 +10,16 @@ runs: `base` (fedsim config keys, as in fedsim/config.py DEFAULTS) x the cartesi
 every `when` rule whose `match` ({axis: label or [labels]}) fits the run; `exclude` drops combinations. Seeds
 and sweeps (optimizer.lr, lora.alpha, dp.epsilon) are federations inside one run, not separate runs.
 
+Tuning: a run whose merged layers hold `tune: {grid: {sweepable key: [values]}, seeds: [...],
+dev_fraction: f}` first runs that grid (x the run's own sweep, x the tuning seeds) as federations of ONE
+pass, on its config with `dev_fraction` of the training rows held out as split "dev"; the grid point with
+the best mean final dev accuracy (over tuning seeds and the run's own sweep values, e.g. every epsilon) is
+then set in the run's config. Every method of a family gets the same grid and protocol; the reported split
+is never used to choose. The tuning pass lives in <results>/<family>/<profile>-tuning/<run-name>/ with
+tuning.json (every grid point's score, the choice); the run's run.json says what was chosen. Tuning a
+private run on the clients' data spends privacy that the reported epsilon does not count (as in most DP
+papers): the results README says so.
+
 Each run goes to <results>/<family>/<profile>/<run-name>/ through fedsim.run.run: a finished run is
 skipped, a killed one resumes. Every run directory also gets run.json (family, profile, axis labels,
 notes) for the figures step. A run that fedsim.run refuses before any compute (bad input, a run
@@ -133,12 +143,13 @@ def expand(family_doc, profile):
             if all(labels.get(k) in [str(x) for x in (v if isinstance(v, list) else [v])]
                    for k, v in rule["match"].items()):
                 over = _deep_update(over, rule["set"])
+        tune = over.pop("tune", None)                    # not a config key: the tuning protocol of this run
         for rule in prof.get("exclude", []):             # combinations that make no sense
             if all(labels.get(k) == str(v) for k, v in rule.items()):
                 break
         else:
             runs.append(dict(name="-".join(labels[n] for n in names), labels=labels, overrides=over,
-                             notes=list(prof.get("notes", []))))
+                             notes=list(prof.get("notes", [])), tune=tune))
     return runs
 
 
@@ -164,14 +175,98 @@ def _atomic_write(path, text):
     os.replace(tmp, path)
 
 
+TUNE_KEYS = ("grid", "seeds", "dev_fraction")
+
+
+def tuning_config(spec):
+    """The config of a run's tuning pass: its own config, the grid added to its sweep, the tuning seeds,
+    dev_fraction of the training rows held out."""
+    tune = spec["tune"]
+    unknown = sorted(set(tune) - set(TUNE_KEYS))
+    if unknown or not isinstance(tune.get("grid"), dict) or not tune["grid"]:
+        raise ValueError(f"run {spec['name']}: tune needs {{grid: {{key: [values]}}, seeds: [...], dev_fraction: f}}"
+                         f" (unknown keys {unknown})" if unknown else f"run {spec['name']}: tune.grid must map "
+                         f"sweepable keys ({list(C.SWEEPABLE)}) to value lists")
+    own = dict(spec["overrides"].get("sweep", {}))
+    clash = sorted(set(own) & set(tune["grid"]))
+    if clash:
+        raise ValueError(f"run {spec['name']}: tune.grid and sweep both set {clash}; tune one or sweep it")
+    return build_config(spec["overrides"], {"sweep": {**own, **tune["grid"]},
+                                            "seeds": tune.get("seeds", [100]),
+                                            "dev_fraction": tune.get("dev_fraction", 0.15)})
+
+
+def choose(summary, grid):
+    """(chosen {key: value}, table): the grid point with the best mean final dev accuracy over its
+    federations (tuning seeds x the run's own sweep values); a point with a failed federation scores
+    None and is never chosen. Ties go to the first point in grid order."""
+    keys = list(grid)
+    table = []
+    for point in itertools.product(*[grid[k] for k in keys]):
+        feds = [f for f in summary["federations"]
+                if all((f.get("variant") or {}).get(k) == v for k, v in zip(keys, point))]
+        ok = [f for f in feds if f.get("status") == "finished" and (f.get("final") or {}).get("dev") is not None]
+        score = sum(f["final"]["dev"] for f in ok) / len(ok) if ok and len(ok) == len(feds) else None
+        table.append(dict(zip(keys, point), dev_accuracy=score, federations=len(feds), failed=len(feds) - len(ok)))
+    scored = [row for row in table if row["dev_accuracy"] is not None]
+    if not scored:
+        raise RuntimeError(f"every grid point of the tuning pass failed: {table}")
+    best = max(scored, key=lambda row: row["dev_accuracy"])      # max keeps the first of equal scores
+    return {k: best[k] for k in keys}, table
+
+
+def tune_one(family, profile, spec, root, runner):
+    """Run (or reuse) a run's tuning pass; returns (overrides with the chosen values set, tuning record)."""
+    cfg = tuning_config(spec)
+    out = Path(root) / family / f"{profile}-tuning" / spec["name"]
+    done = out / "summary.json"
+    if done.exists() and (out / "config.yaml").exists() and yaml.safe_load((out / "config.yaml").read_text()) == cfg:
+        summary = json.loads(done.read_text())    # tuned before: reuse its scores, train nothing
+    else:
+        summary = runner(cfg, out, progress=False)
+    if not summary.get("status", "").startswith(("finished", "failed: ")):
+        raise RuntimeError(f"tuning pass {out}: {summary.get('status')}")
+    chosen, table = choose(summary, spec["tune"]["grid"])
+    record = dict(grid=spec["tune"]["grid"], seeds=cfg["seeds"], dev_fraction=cfg["dev_fraction"],
+                  split="dev (training rows held out from every client)", chosen=chosen, table=table,
+                  tuning_dir=out.relative_to(Path(root)).as_posix())
+    _atomic_write(out / "tuning.json", json.dumps(record, indent=2) + "\n")
+    over = copy.deepcopy(spec["overrides"])
+    for k, v in chosen.items():
+        section, key = k.split(".")
+        over.setdefault(section, {})[key] = v
+    return over, record
+
+
 def run_one(family, profile, spec, root, retry_failed=False, runner=None, progress=True):
-    """Run (or skip) one run; never raises for a failing run. Returns (status, seconds)."""
+    """Run (or skip) one run, after its tuning pass if it has one; never raises for a failing run.
+    Returns (status, seconds)."""
     from fedsim.run import RunError, run as fedsim_run
     runner = runner or fedsim_run
+    out = Path(root) / family / profile / spec["name"]
+    t0 = time.perf_counter()
+    if spec.get("tune"):
+        try:
+            overrides, record = tune_one(family, profile, spec, root, runner)
+        except RunError as e:
+            print(f"  REFUSED {family}/{spec['name']} (tuning): {e}", file=sys.stderr, flush=True)
+            return f"refused: tuning: {e}", time.perf_counter() - t0
+        except Exception as e:
+            print(f"  FAILED {family}/{spec['name']} (tuning): {e}", file=sys.stderr, flush=True)
+            return f"failed: tuning: {type(e).__name__}: {e}", time.perf_counter() - t0
+        spec = dict(spec, overrides=overrides, tuned=dict(chosen=record["chosen"], tuning_dir=record["tuning_dir"]))
+    status, secs = _run_tuned(family, profile, spec, root, retry_failed, runner, progress)
+    return status, time.perf_counter() - t0
+
+
+def _run_tuned(family, profile, spec, root, retry_failed, runner, progress):
+    from fedsim.run import RunError
     out = Path(root) / family / profile / spec["name"]
     summary_path = out / "summary.json"
     t0 = time.perf_counter()
     meta = dict(family=family, profile=profile, name=spec["name"], labels=spec["labels"], notes=spec["notes"])
+    if spec.get("tuned"):
+        meta["tuned"] = spec["tuned"]
     if summary_path.exists():
         status = json.loads(summary_path.read_text()).get("status", "?")
         if (out / "config.yaml").exists() and yaml.safe_load((out / "config.yaml").read_text()) != \
@@ -292,6 +387,8 @@ def main(argv=None):
         chosen, todo = plan(families, profile, args.only)
         for _, spec in todo:                        # every config is checked before any compute
             build_config(spec["overrides"])
+            if spec.get("tune"):
+                tuning_config(spec)
     except ValueError as e:
         sys.exit(f"reproduce: {e}")
     print(f"profile {profile}: {len(todo)} runs in families {chosen} -> {root}", flush=True)

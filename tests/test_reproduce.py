@@ -68,6 +68,44 @@ def test_smoke_reproduce_writes_runs_tables_figures_readme(smoke_results):
     assert "ε=6" in (root / "ffa_table" / "smoke" / "tables" / "accuracy.md").read_text()
 
 
+def test_tuning_pass_chooses_on_dev_and_the_run_uses_the_choice(smoke_results):
+    """The non-private smoke runs are tuned: one pass over the lr grid (tuning seed 100, 20% of the training
+    rows held out as "dev"), the best mean dev accuracy chosen, the run made with it on all its rows."""
+    import yaml
+    for method in ("fedavg_lora", "ffa_lora"):
+        name = f"sst2-{method}-nonprivate"
+        tuning = smoke_results / "ffa_table" / "smoke-tuning" / name
+        record = json.loads((tuning / "tuning.json").read_text())
+        assert [row["optimizer.lr"] for row in record["table"]] == [0.005, 0.02]
+        best = max(record["table"], key=lambda row: row["dev_accuracy"])
+        assert record["chosen"] == {"optimizer.lr": best["optimizer.lr"]}
+        tcfg = yaml.safe_load((tuning / "config.yaml").read_text())
+        assert tcfg["seeds"] == [100] and tcfg["dev_fraction"] == 0.2
+        assert tcfg["sweep"] == {"optimizer.lr": [0.005, 0.02]}
+        summary = json.loads((tuning / "summary.json").read_text())
+        assert all("dev" in f["final"] for f in summary["federations"])
+        run = smoke_results / "ffa_table" / "smoke" / name
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["optimizer"]["lr"] == record["chosen"]["optimizer.lr"] and cfg["dev_fraction"] == 0
+        assert cfg["seeds"] == [0, 1] and not cfg["sweep"]
+        assert json.loads((run / "run.json").read_text())["tuned"]["chosen"] == record["chosen"]
+
+
+def test_choose_takes_the_best_mean_dev_accuracy_and_never_a_failed_point():
+    fed = lambda lr, eps, acc, status="finished": dict(variant={"optimizer.lr": lr, "dp.epsilon": eps},  # noqa
+                                                      status=status, final=None if acc is None else {"dev": acc})
+    summary = {"federations": [fed(0.1, 1, 0.5), fed(0.1, 6, 0.75), fed(0.3, 1, 0.875), fed(0.3, 6, 0.9, "failed"),
+                               fed(0.03, 1, 0.5), fed(0.03, 6, 0.6875), fed(0.01, 1, 0.625), fed(0.01, 6, 0.625)]}
+    chosen, table = reproduce.choose(summary, {"optimizer.lr": [0.03, 0.1, 0.3]})
+    assert chosen == {"optimizer.lr": 0.1}                  # 0.3 had a failed federation: no score
+    assert [row["dev_accuracy"] for row in table] == [0.59375, 0.625, None] and table[2]["failed"] == 1
+    # equal scores: the first grid point
+    assert reproduce.choose(summary, {"optimizer.lr": [0.01, 0.1]})[0] == {"optimizer.lr": 0.01}
+    assert reproduce.choose(summary, {"optimizer.lr": [0.1, 0.01]})[0] == {"optimizer.lr": 0.1}
+    with pytest.raises(RuntimeError, match="every grid point"):
+        reproduce.choose(summary, {"optimizer.lr": [0.3]})
+
+
 def test_figures_rebuild_identically_and_finished_runs_are_skipped(smoke_results, monkeypatch):
     root = smoke_results
     before = _outputs(root)
