@@ -76,12 +76,13 @@ def environment(device):
 
 
 def dev_split(num_rows, dev_fraction):
-    """(train rows, dev rows): round(dev_fraction * num_rows) rows held out by a fixed key (the same for
-    every seed and variant, so tuning compares every candidate on the same rows), both sorted."""
+    """(train rows sorted, dev rows in random order): round(dev_fraction * num_rows) rows held out by a
+    fixed key (the same for every seed and variant, so tuning compares every candidate on the same rows).
+    Evaluation reads the first eval_subsample dev rows: a random subset of the held-out rows."""
     from fedsim.rng import numpy_rng
     n_dev = int(round(dev_fraction * num_rows))
     perm = numpy_rng("dev split", num_rows).permutation(num_rows)
-    return np.sort(perm[n_dev:]), np.sort(perm[:n_dev])
+    return np.sort(perm[n_dev:]), perm[:n_dev]
 
 
 class Experiment:
@@ -146,7 +147,7 @@ class Experiment:
         evals = {name: load_tokenized(self.task, split, tok, subsample=cfg["eval_subsample"], **kw)
                  for name, split in self.task.eval_splits.items()}
         if len(self.dev_rows):                   # held-out training rows: what tuning scores on
-            dev = torch.as_tensor(self.dev_rows)
+            dev = torch.as_tensor(np.sort(self.dev_rows[:cfg["eval_subsample"]]))
             evals["dev"] = {k: v[dev] for k, v in train.items()}
         if self.device.type == "cuda":
             train = {k: v.pin_memory() for k, v in train.items()}

@@ -338,6 +338,7 @@ def family_ffa_table(w, runs, ctx):
     fig.tight_layout()
     w.figure("accuracy_vs_privacy", fig, "Accuracy vs privacy level; error bars = 1 std over seeds.")
     ctx["ffa_table"] = a
+    ctx["ffa_table_seeds"] = df
 
 
 def _partition_key(label):
@@ -417,6 +418,7 @@ def family_heterogeneity(w, runs, ctx):
         fig.tight_layout()
         w.figure(f"accuracy_vs_alpha_{task}", fig, f"{task}: accuracy vs Dirichlet α (error bars: 1 std over seeds).")
     ctx["heterogeneity"] = a
+    ctx["heterogeneity_seeds"] = df
 
 
 def _accuracy_panels(axes, groups, key, xs, xlabel):
@@ -682,6 +684,9 @@ def family_communication(w, runs, ctx, prof):
 
 # ============================================================================= claims
 
+from scripts.verdicts import MARGIN, combine, paired_verdict  # noqa: E402
+
+
 def _v(ok, bad):
     return "reproduced" if ok else "not reproduced" if bad else "inconclusive"
 
@@ -689,7 +694,7 @@ def _v(ok, bad):
 def claims(ctx):
     """[(paper, claim, family, verdict, numbers)]."""
     out = []
-    a = ctx.get("ffa_table")
+    a, seeds = ctx.get("ffa_table"), ctx.get("ffa_table_seeds")
     if a is not None and len(a):
         priv = [p for p in _privacy_order(a["privacy"]) if p != "non-private"]
         parts, verdicts = [], []
@@ -705,9 +710,13 @@ def claims(ctx):
                              f"{100 * g['mean']:.1f}±{100 * g['std']:.1f} (Δ {100 * d:+.1f})")
                 if priv and lev == priv[-1]:             # the smallest epsilon decides
                     dead = not learned(max(f["mean"], g["mean"]), 1.0 / num_labels(task))
-                    verdicts.append("inconclusive" if dead else _v(d > s, d < -s))
-        rule = (f" Verdict from the smallest ε ({priv[-1]}): reproduced if FFA − FedAvg exceeds the larger seed std, "
-                f"not reproduced if below minus it; inconclusive if both are at chance." if priv else " No private runs.")
+                    v = paired_verdict(*(_per_seed(seeds, task=task, method=m, privacy=lev)
+                                         for m in ("ffa_lora", "fedavg_lora")))
+                    parts[-1] += f" [{v.text()}]"
+                    verdicts.append("inconclusive (both at chance)" if dead else v.verdict)
+        rule = (f" Verdict from the smallest ε ({priv[-1]}), paired by seed: reproduced if the 95% interval of "
+                f"FFA − FedAvg lies above 0, refuted if it lies below +{100 * MARGIN:.0f} point, underpowered "
+                f"otherwise; inconclusive if both are at chance." if priv else " No private runs.")
         out.append(("FFA-LoRA", "better than FedAvg-LoRA under DP, especially at small ε", "ffa_table",
                     _combine(verdicts), "; ".join(parts) + "." + rule))
     r = ctx.get("alpha_ranges")
@@ -744,7 +753,7 @@ def claims(ctx):
     elif "slora_ran" in ctx:
         out.append(("SLoRA", "comparable to full fine-tuning at ~1% density", "slora", "inconclusive",
                     "no FedAvg-FFT reference run at the same setting"))
-    gaps = ctx.get("slora_gap")
+    gaps, het = ctx.get("slora_gap"), ctx.get("heterogeneity_seeds")
     if gaps:
         parts, verdicts = [], []
         for task, g in sorted(gaps.items()):
@@ -752,14 +761,19 @@ def claims(ctx):
             g["order"] = [_partition_key(k) for k in g["key"]]
             g = g.sort_values("order")
             first, last = g.iloc[0], g.iloc[-1]
-            s = max(first["spread"], last["spread"])
             parts.append(f"{task}: FFT − SLoRA " + ", ".join(f"{p} {100 * x:+.1f}" for p, x in zip(g["partition"], g["gap"])))
             dead = not (first["fft_learned"] and last["fft_learned"])     # a gap to a chance-level FFT is no gap
-            verdicts.append("inconclusive" if dead else
-                            _v(last["gap"] - first["gap"] > s, last["gap"] - first["gap"] < -s))
+            gap = {k: {s_: _per_seed(het, task=task, method="fedavg_fft", partition=k)[s_]
+                       - _per_seed(het, task=task, method="slora", partition=k)[s_]
+                       for s_ in set(_per_seed(het, task=task, method="fedavg_fft", partition=k))
+                       & set(_per_seed(het, task=task, method="slora", partition=k))}
+                   for k in (first["key"], last["key"])}
+            v = paired_verdict(gap[last["key"]], gap[first["key"]])
+            parts[-1] += f" [growth {first['partition']} → {last['partition']}: {v.text()}]"
+            verdicts.append("inconclusive (FedAvg-FFT at chance)" if dead else v.verdict)
         out.append(("SLoRA", "gap to full fine-tuning grows as Dirichlet α shrinks", "heterogeneity",
-                    _combine(verdicts), "; ".join(parts) + " (grows = gap at the smallest α exceeds the IID gap by "
-                                                           "more than the seed spread; inconclusive unless FedAvg-FFT "
+                    _combine(verdicts), "; ".join(parts) + " (paired by seed: reproduced if the 95% interval of the "
+                                                           "gap's growth lies above 0; inconclusive unless FedAvg-FFT "
                                                            "is above chance at both ends)"))
     cm = ctx.get("communication")
     if cm is not None and len(cm):
@@ -787,14 +801,16 @@ def claims(ctx):
     return out
 
 
+def _per_seed(df, **where):
+    """{seed: accuracy} of the finished federations matching `where` (column == value)."""
+    sel = df
+    for k, v in where.items():
+        sel = sel[sel[k] == v]
+    return dict(zip(sel["seed"].astype(int), sel["acc"].astype(float)))
+
+
 def _combine(verdicts):
-    if not verdicts:
-        return "inconclusive"
-    if all(v == "reproduced" for v in verdicts):
-        return "reproduced"
-    if all(v == "not reproduced" for v in verdicts):
-        return "not reproduced"
-    return "inconclusive" if all(v == "inconclusive" for v in verdicts) else "mixed: " + ", ".join(verdicts)
+    return combine(verdicts) if verdicts else "inconclusive"
 
 
 # ============================================================================= partitions and provenance
@@ -883,9 +899,15 @@ def write_readme(root, profile, sections, claim_rows, heatmaps, notes_by_family)
         lines.append(f"| {paper} | {claim} | {fam} | **{verdict}** | {numbers} |")
     if not claim_rows:
         lines.append("| - | no family with the runs a claim needs has finished | - | - | - |")
-    lines += ["", f"Criteria: \"comparable\" = accuracy not below the reference by more than max({100 * COMPARABLE_TOL:.0f} "
-              "points, the larger seed std); \"better\"/\"grows\" = the difference exceeds the larger seed std; anything "
-              "in between is inconclusive. With 3-5 seeds these are coarse checks, not significance tests.", ""]
+    lines += ["", "Criteria. FFA-LoRA under DP and the SLoRA heterogeneity gap: paired by seed (seed s of both arms "
+              "sees the same partition, clients and batches), 95% t-interval of the mean difference: **reproduced** "
+              f"if it lies above 0, **refuted** if it lies below +{100 * MARGIN:.0f} point, **underpowered** otherwise "
+              "(with the number of seeds that would decide at the observed spread); see scripts/verdicts.py. "
+              f"The other claims: \"comparable\" = accuracy not below the reference by more than max({100 * COMPARABLE_TOL:.0f} "
+              "points, the larger seed std), \"better\" = the difference exceeds the larger seed std. Learning rates "
+              "(and, under DP, clip norms) where a run says `tuned` were chosen on a dev split held out from the "
+              "training rows, never on the reported split; tuning a private run on the clients' data spends privacy "
+              "that the reported ε does not count, as in most DP papers.", ""]
     lines.append(DEVIATIONS)
     for fam, (setting, status_lines, prov, items) in sections.items():
         lines += [f"## {fam}", ""]

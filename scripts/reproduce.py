@@ -11,7 +11,7 @@ every `when` rule whose `match` ({axis: label or [labels]}) fits the run; `exclu
 and sweeps (optimizer.lr, lora.alpha, dp.epsilon) are federations inside one run, not separate runs.
 
 Tuning: a run whose merged layers hold `tune: {grid: {sweepable key: [values]}, seeds: [...],
-dev_fraction: f}` first runs that grid (x the run's own sweep, x the tuning seeds) as federations of ONE
+dev_fraction: f, set: {config overrides of the tuning pass only, e.g. one epsilon}}` first runs that grid (x the run's own sweep, x the tuning seeds) as federations of ONE
 pass, on its config with `dev_fraction` of the training rows held out as split "dev"; the grid point with
 the best mean final dev accuracy (over tuning seeds and the run's own sweep values, e.g. every epsilon) is
 then set in the run's config. Every method of a family gets the same grid and protocol; the reported split
@@ -175,7 +175,7 @@ def _atomic_write(path, text):
     os.replace(tmp, path)
 
 
-TUNE_KEYS = ("grid", "seeds", "dev_fraction")
+TUNE_KEYS = ("grid", "seeds", "dev_fraction", "set")
 
 
 def tuning_config(spec):
@@ -187,11 +187,12 @@ def tuning_config(spec):
         raise ValueError(f"run {spec['name']}: tune needs {{grid: {{key: [values]}}, seeds: [...], dev_fraction: f}}"
                          f" (unknown keys {unknown})" if unknown else f"run {spec['name']}: tune.grid must map "
                          f"sweepable keys ({list(C.SWEEPABLE)}) to value lists")
-    own = dict(spec["overrides"].get("sweep", {}))
+    over = _deep_update(copy.deepcopy(spec["overrides"]), tune.get("set", {}))   # e.g. tune at one epsilon
+    own = dict(over.get("sweep", {}))
     clash = sorted(set(own) & set(tune["grid"]))
     if clash:
         raise ValueError(f"run {spec['name']}: tune.grid and sweep both set {clash}; tune one or sweep it")
-    return build_config(spec["overrides"], {"sweep": {**own, **tune["grid"]},
+    return build_config(over, {"sweep": {**own, **tune["grid"]},
                                             "seeds": tune.get("seeds", [100]),
                                             "dev_fraction": tune.get("dev_fraction", 0.15)})
 
@@ -228,6 +229,7 @@ def tune_one(family, profile, spec, root, runner):
         raise RuntimeError(f"tuning pass {out}: {summary.get('status')}")
     chosen, table = choose(summary, spec["tune"]["grid"])
     record = dict(grid=spec["tune"]["grid"], seeds=cfg["seeds"], dev_fraction=cfg["dev_fraction"],
+                  tuning_only=spec["tune"].get("set", {}),
                   split="dev (training rows held out from every client)", chosen=chosen, table=table,
                   tuning_dir=out.relative_to(Path(root)).as_posix())
     _atomic_write(out / "tuning.json", json.dumps(record, indent=2) + "\n")
