@@ -5,6 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedsim-setup
 PROFILE ?=
+RERUN   ?= results-rerun
 export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -29,8 +30,10 @@ $(STAMP): requirements.txt
 test: setup
 	$(PY) -m pytest
 
+# Runs every experiment again into $(RERUN)/ (the committed results/ stay as they are) and ends with
+# $(RERUN)/COMPARISON.md: each regenerated cell beside the committed one.
 reproduce: setup
-	$(PY) -m scripts.reproduce $(if $(PROFILE),--profile $(PROFILE),)
+	$(PY) -m scripts.reproduce $(if $(PROFILE),--profile $(PROFILE),) --results $(RERUN) --compare results
 
 figures: setup
 	$(PY) -m scripts.figures

@@ -31,6 +31,11 @@ finished run of another family (e.g. rank r=8 = the ffa_table run) is copied fro
 (run.json says `copied_from`). A finished run whose saved config differs from configs/ is reported as
 stale and left alone.
 
+`make reproduce` runs everything again into results-rerun/ (never over the committed results/) and ends
+with results-rerun/COMPARISON.md: every regenerated cell beside the committed one (scripts/compare.py).
+The committed results/ were made with `python -m scripts.reproduce` (default root results/) from a
+clean tree; `make figures` re-renders saved runs without training.
+
 Profile: --profile, else $PROFILE, else `paper` when CUDA is available and `quick` otherwise.
 Results root: --results, else $FEDSIM_RESULTS, else results/.
 """
@@ -381,6 +386,8 @@ def main(argv=None):
     ap.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
     ap.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
     ap.add_argument("--no-figures", action="store_true", help="skip the figures step")
+    ap.add_argument("--compare", metavar="DIR", help="at the end, compare every regenerated cell with the results "
+                    "under DIR (e.g. the committed results/) -> <results>/COMPARISON.md")
     args = ap.parse_args(argv)
     profile = detect_profile(args.profile)
     root = results_root(args.results)
@@ -412,6 +419,9 @@ def main(argv=None):
     if not args.no_figures:
         from scripts import figures
         figures.main(["--results", str(root), "--profile", profile, "--configs", args.configs])
+    if args.compare:
+        from scripts import compare
+        compare.main([args.compare, str(root), "--profile", profile])
     return 0
 
 

@@ -91,6 +91,25 @@ def test_tuning_pass_chooses_on_dev_and_the_run_uses_the_choice(smoke_results):
         assert json.loads((run / "run.json").read_text())["tuned"]["chosen"] == record["chosen"]
 
 
+def test_compare_sets_each_regenerated_cell_beside_the_committed_one(smoke_results, tmp_path):
+    import shutil
+    from scripts import compare
+    rerun = tmp_path / "rerun"
+    shutil.copytree(smoke_results, rerun)
+    run = rerun / "ffa_table" / "smoke" / "sst2-fedavg_lora-dp"
+    s = json.loads((run / "summary.json").read_text())
+    s["federations"][0]["final"]["validation"] += 0.5           # one cell far outside any seed noise
+    (run / "summary.json").write_text(json.dumps(s))
+    table = compare.compare(smoke_results, rerun, "smoke")
+    changed = table[(table.run == "sst2-fedavg_lora-dp") & (table.seed == s["federations"][0]["seed"])
+                    & (table.variant == figures._variant_str(s["federations"][0]["variant"]))]
+    assert list(changed["outcome"]) == ["differs"]
+    assert (table["outcome"] == "identical").sum() == len(table) - 1 and len(table) > 10
+    counts = compare.write(table, rerun / "COMPARISON.md", "smoke")
+    assert counts == {"identical": len(table) - 1, "differs": 1}
+    assert "| differs |" in (rerun / "COMPARISON.md").read_text()
+
+
 def test_choose_takes_the_best_mean_dev_accuracy_and_never_a_failed_point():
     fed = lambda lr, eps, acc, status="finished": dict(variant={"optimizer.lr": lr, "dp.epsilon": eps},  # noqa
                                                       status=status, final=None if acc is None else {"dev": acc})
