@@ -38,7 +38,8 @@ DEFAULTS = {
     "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0,
                   "betas": [0.9, 0.999], "eps": 1e-8},
     "dp": {"epsilon": None, "delta": 1e-5, "max_grad_norm": 1.0, "accountant": "rdp",
-           "max_batch_factor": 5.0},
+           "max_batch_factor": 5.0,
+           "head_share": None},      # per-group clipping: head to C*sqrt(share), adapters to C*sqrt(1-share)
     "seeds": [0],                # each seed is a federation in the same pass
     "sweep": {},                 # shape-preserving variants run as more federations, e.g. {"optimizer.lr": [0.01, 0.1]}
     "replica_chunk": None,       # replicas per forward/backward; None = all (GPU) / measured (CPU)
@@ -64,7 +65,7 @@ TYPES = {
     "optimizer.name": "str", "optimizer.lr": "float", "optimizer.momentum": "float",
     "optimizer.weight_decay": "float", "optimizer.betas": "floats2", "optimizer.eps": "float",
     "dp.epsilon": "float?", "dp.delta": "float", "dp.max_grad_norm": "float", "dp.accountant": "str",
-    "dp.max_batch_factor": "float", "seeds": "ints", "replica_chunk": "int?", "device": "str",
+    "dp.max_batch_factor": "float", "dp.head_share": "float?", "seeds": "ints", "replica_chunk": "int?", "device": "str",
 }
 _KIND_TEXT = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a finite number",
               "ints": "a non-empty list of integers, e.g. [0, 1, 2]", "floats2": "a list of two numbers",
@@ -332,6 +333,8 @@ def _check_values(cfg):
                                                     f"auto uses the backbone's own convention")
     need(cfg["padding"] in ("longest", "max_length"), f"padding must be 'longest' or 'max_length' (got {cfg['padding']})")
     dp = cfg["dp"]
+    need(dp["head_share"] is None or 0 < dp["head_share"] < 1, f"dp.head_share must be in (0, 1) or null for joint "
+                                                             f"clipping (got {dp['head_share']}); try 0.1")
     need(dp["max_batch_factor"] > 0, f"dp.max_batch_factor must be > 0 (got {dp['max_batch_factor']}); try 5.0")
     if dp["epsilon"] is not None:
         from fedsim.dp import validate_dp

@@ -38,7 +38,7 @@ def _per_replica(x, R: int, device, dtype=torch.float32) -> torch.Tensor:
 
 
 def clip_and_noise(grads: torch.Tensor, max_grad_norm, noise_multiplier, expected_batch_size, noise_keys,
-                   sq_norms: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+                   sq_norms: Optional[torch.Tensor] = None, backend: str = "auto", groups=None) -> torch.Tensor:
     """Clip per-sample grads [R, b, D], sum per replica, add Gaussian noise, divide by expected batch -> [R, D].
 
     max_grad_norm / noise_multiplier / expected_batch_size: float or float tensor [R].
@@ -46,24 +46,39 @@ def clip_and_noise(grads: torch.Tensor, max_grad_norm, noise_multiplier, expecte
     on the torch path, and Philox seeded with derive_seed(*noise_keys[r]) in the Triton kernel (the two
     paths agree in distribution, not bitwise). sq_norms: optional precomputed per-sample squared norms [R, b].
     Zero rows (masked / padded samples) contribute exactly zero.
+
+    groups: per-group clipping (clip_groups): ((lo, hi), share) column ranges covering [0, D) with shares
+    of the squared budget summing to 1. Group g of each sample is clipped to C_g = C sqrt(share_g), so the
+    clipped sample's norm is at most sqrt(sum_g C_g^2) = C: the sensitivity, the noise sigma * C * z and the
+    accounting are those of joint clipping at C. sq_norms is then [R, b, G]. Torch path only.
     """
     R, b, D = grads.shape
     assert len(noise_keys) == R, f"need one noise key per replica ({R}), got {len(noise_keys)}"
     if backend == "auto":
-        backend = "triton" if grads.is_cuda else "torch"
+        backend = "triton" if grads.is_cuda and groups is None else "torch"
     C = _per_replica(max_grad_norm, R, grads.device, grads.dtype)
     sigma = _per_replica(noise_multiplier, R, grads.device, grads.dtype)
     B = _per_replica(expected_batch_size, R, grads.device, grads.dtype)
     if backend == "triton":
+        if groups is not None:
+            raise ValueError("the Triton kernel clips jointly; per-group clipping runs on the torch backend")
         from fedsim.triton_clip import fused_clip_and_noise  # lazy: CPU-only code never imports triton
         seeds = torch.tensor([derive_seed(*k) for k in noise_keys], dtype=torch.int64, device=grads.device)
         return fused_clip_and_noise(grads, C, sigma, B, seeds, sq_norms)
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}; use 'auto', 'torch' or 'triton'")
 
-    norms = grads.norm(dim=-1) if sq_norms is None else sq_norms.to(grads.dtype).sqrt()
-    factor = (C[:, None] / (norms + 1e-6)).clamp(max=1.0)
-    out = torch.bmm(factor.unsqueeze(1), grads).squeeze(1)  # [R, D]
+    if groups is None:
+        norms = grads.norm(dim=-1) if sq_norms is None else sq_norms.to(grads.dtype).sqrt()
+        factor = (C[:, None] / (norms + 1e-6)).clamp(max=1.0)
+        out = torch.bmm(factor.unsqueeze(1), grads).squeeze(1)  # [R, D]
+    else:
+        out = torch.empty(R, D, device=grads.device, dtype=grads.dtype)
+        for g, ((lo, hi), share) in enumerate(groups):
+            part = grads[:, :, lo:hi]
+            norms = part.norm(dim=-1) if sq_norms is None else sq_norms[:, :, g].to(grads.dtype).sqrt()
+            factor = (C[:, None] * math.sqrt(share) / (norms + 1e-6)).clamp(max=1.0)
+            out[:, lo:hi] = torch.bmm(factor.unsqueeze(1), part).squeeze(1)
     sig_cpu, C_cpu = sigma.cpu(), C.cpu()
     for r in range(R):
         if sig_cpu[r] > 0:
@@ -71,6 +86,28 @@ def clip_and_noise(grads: torch.Tensor, max_grad_norm, noise_multiplier, expecte
             z = torch.randn(D, generator=torch_generator(*noise_keys[r]))
             out[r] += (z * sig_cpu[r] * C_cpu[r]).to(grads.device)
     return out / B[:, None]
+
+
+def clip_groups(offsets, head_names, head_share):
+    """Column groups of a flat per-sample gradient for per-group clipping: (((lo, hi), share), ...).
+
+    offsets: {name: (lo, hi)} in canonical order (adapters first, head last); head_names: the head's
+    tensor names; head_share: the head's share of the squared clip budget (None: joint clipping -> None).
+    A group with no trained tensor (e.g. a frozen head) is left out and its share goes to the other."""
+    if head_share is None:
+        return None
+    head = [offsets[n] for n in offsets if n in head_names]
+    rest = [offsets[n] for n in offsets if n not in head_names]
+    spans = []
+    for ranges, share in ((rest, 1.0 - head_share), (head, head_share)):
+        if ranges:
+            lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+            if sum(r[1] - r[0] for r in ranges) != hi - lo:
+                raise ValueError("per-group clipping needs each group's tensors contiguous in canonical order")
+            spans.append([(lo, hi), share])
+    if len(spans) == 1:
+        spans[0][1] = 1.0
+    return tuple((span, share) for span, share in sorted(spans))
 
 
 # ---------------------------------------------------------------------------------------------- accounting
@@ -165,6 +202,7 @@ class DPConfig:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     max_batch_factor: float = 5.0  # Poisson padding: overflow probability <= exp(-k^2/2) per step
+    head_share: Optional[float] = None  # per-group clipping: the head's share of C^2 (None: joint)
 
     @property
     def private(self) -> bool:

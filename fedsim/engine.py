@@ -45,6 +45,7 @@ class DPSetup:
     max_grad_norm: float
     sample_rate: float              # Poisson q, the same for every client
     max_batch: int                  # static padded batch
+    head_share: float | None = None  # per-group clipping: the head's share of C^2 (None: joint clipping)
 
 
 def _index_rows(data, rows, device):
@@ -182,7 +183,9 @@ class FederatedEngine:
         run_rows = rows.reshape(-1) if st.slots is None else rows.reshape(-1)[real]
         per_sample = self.dp is not None
         specs = [(n, tuple(self.tensors[n].shape[1:])) for n in trainable]
-        st.buffer = GradBuffer(specs, Rc, b, per_sample, self.device, self.dtype)
+        heads = [f"{h}.{p}" for h in self.stacked.heads for p in ("weight", "bias")]
+        st.buffer = GradBuffer(specs, Rc, b, per_sample, self.device, self.dtype, head_names=heads,
+                               head_share=self.dp.head_share if per_sample else None)
         inputs, labels = _index_rows(self.train, run_rows, self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_is_cuda(self.device)):
             logits = self.stacked(**_trim(inputs))
@@ -207,8 +210,10 @@ class FederatedEngine:
             expected = torch.tensor([self.dp.sample_rate * len(self.feds[i].partitions[c]) for i, c in client_ids],
                                     device=self.device, dtype=self.dtype)
             keys = [(self.feds[i].seed, "noise", t, c, s) for i, c in client_ids]
+            grouped = buf.groups is not None
             grads = buf.unflatten(clip_and_noise(buf.flat, self.clip[rs], self.sigma[rs], expected, keys,
-                                                 sq_norms=buf.sq_norms))
+                                                 sq_norms=buf.group_sq_norms if grouped else buf.sq_norms,
+                                                 groups=buf.groups))
         else:
             grads = buf.summed
         fed_of = torch.arange(rs.start, rs.stop, device=self.device) // self.m     # replica r = f * m + j

@@ -45,6 +45,7 @@ class ReferenceConfig:
     dp_noise_multiplier: float = 0.0
     dp_sample_rate: float | None = None  # Poisson q
     dp_max_batch: int | None = None
+    dp_head_share: float | None = None  # clip the head to C sqrt(share) and the rest to C sqrt(1 - share)
 
 
 def _is_head(name):
@@ -164,9 +165,21 @@ def _private_step(model, params, names, batch, mask, n, t, c, s, cfg):
     mask = torch.as_tensor(mask)
     g = torch.cat([grads[own].reshape(len(mask), -1) for own in names.values()], dim=1)
     g[~mask] = 0.0
-    factor = torch.clamp(C / (g.norm(dim=1) + 1e-6), max=1.0)
+    if cfg.dp_head_share is None:            # joint clipping: one norm over every trained tensor
+        factor = torch.clamp(C / (g.norm(dim=1) + 1e-6), max=1.0)
+        clipped = factor[:, None] * g
+    else:                                    # per group: head to C sqrt(share), the rest to C sqrt(1 - share)
+        head = torch.cat([torch.full((params[cn].numel(),), _is_head(cn)) for cn in names])
+        shares = {True: cfg.dp_head_share, False: 1.0 - cfg.dp_head_share}
+        if head.all() or not head.any():
+            shares = {bool(head[0]): 1.0}
+        clipped = torch.zeros_like(g)
+        for is_head, share in shares.items():
+            cols = head == is_head
+            factor = torch.clamp(C * share ** 0.5 / (g[:, cols].norm(dim=1) + 1e-6), max=1.0)
+            clipped[:, cols] = factor[:, None] * g[:, cols]
     noise = torch.randn(g.shape[1], generator=torch_generator(cfg.seed, "noise", t, c, s))
-    flat = ((factor[:, None] * g).sum(0) + sigma * C * noise) / (q * n)
+    flat = (clipped.sum(0) + sigma * C * noise) / (q * n)
     for cn, piece in zip(names, flat.split([params[cn].numel() for cn in names])):
         params[cn].grad = piece.view_as(params[cn]).clone()
     return losses[mask].mean().item() if mask.any() else float("nan")

@@ -125,7 +125,7 @@ class Experiment:
             for f, eps in zip(self.feds, eps_list):
                 f.noise_multiplier = noise_multiplier_for(eps, dp["delta"], q, self.steps_per_client, dp["accountant"])
             self.epsilons = eps_list
-            self.dp = DPSetup(max_grad_norm=dp["max_grad_norm"], sample_rate=q,
+            self.dp = DPSetup(max_grad_norm=dp["max_grad_norm"], sample_rate=q, head_share=dp["head_share"],
                               max_batch=max_poisson_batch(q * max(sizes), dp["max_batch_factor"]))
         self.device = resolve_device(cfg["device"])
 

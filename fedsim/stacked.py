@@ -16,6 +16,8 @@ import re
 import torch
 from torch import nn
 
+from fedsim.dp import clip_groups
+
 
 class GradBuffer:
     """Receives gradients during backward, keyed by canonical tensor name.
@@ -25,9 +27,11 @@ class GradBuffer:
     the fused clip-and-noise kernel reads, and `sq_norms` [Rc, b] accumulates the squared norms.
     """
 
-    def __init__(self, specs, num_replicas, batch_size, per_sample, device, dtype=torch.float32):
+    def __init__(self, specs, num_replicas, batch_size, per_sample, device, dtype=torch.float32,
+                 head_names=(), head_share=None):
         self.per_sample, self.specs = per_sample, dict(specs)
         self.summed = {}
+        self.groups = None
         if per_sample:
             self.offsets, off = {}, 0
             for name, shape in specs:
@@ -36,6 +40,10 @@ class GradBuffer:
                 off += n
             self.flat = torch.zeros(num_replicas, batch_size, off, device=device, dtype=dtype)
             self.sq_norms = torch.zeros(num_replicas, batch_size, device=device, dtype=dtype)
+            # per-group clipping (fedsim.dp.clip_groups): squared norms per group too, [Rc, b, G]
+            self.groups = clip_groups(self.offsets, set(head_names), head_share)
+            if self.groups is not None:
+                self.group_sq_norms = torch.zeros(num_replicas, batch_size, len(self.groups), device=device, dtype=dtype)
 
     def put(self, name, grad):
         if not self.per_sample:
@@ -43,7 +51,11 @@ class GradBuffer:
             return
         lo, hi = self.offsets[name]
         self.flat[:, :, lo:hi].copy_(grad.flatten(2))
-        self.sq_norms += grad.flatten(2).pow(2).sum(-1)
+        sq = grad.flatten(2).pow(2).sum(-1)
+        self.sq_norms += sq
+        if self.groups is not None:
+            g = next(i for i, ((glo, ghi), _) in enumerate(self.groups) if glo <= lo < ghi)
+            self.group_sq_norms[:, :, g] += sq
 
     def unflatten(self, flat_sum):
         """[Rc, D] (e.g. clipped + noised sums) -> {name: [Rc, *shape]}."""

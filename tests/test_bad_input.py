@@ -80,6 +80,7 @@ CASES = [
     ("sweep-repeats", ["sweep={optimizer.lr: [0.1, 0.1]}"], "repeats a value"),
     ("sweep-clip-nonprivate", ["dp.epsilon=null", "sweep={dp.max_grad_norm: [0.5, 1.0]}"], "needs a private run"),
     ("sweep-clip-zero", ["sweep={dp.max_grad_norm: [0, 1.0]}"], "dp.max_grad_norm must be > 0"),
+    ("head-share-1", ["dp.head_share=1.0"], "dp.head_share must be in (0, 1)"),
     ("dev-fraction-half", ["dev_fraction=0.5"], "dev_fraction must be in [0, 0.5)"),
     ("pooling-unknown", ["pooling=max"], "pooling must be auto, mean or cls"),
     ("seeds-repeat", ["seeds=[0,0]"], "each federation needs its own seed"),

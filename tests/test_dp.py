@@ -211,3 +211,40 @@ def test_max_poisson_batch_tail_bound(mu, k):
     assert m >= mu + k * math.sqrt(mu)
     n = 100_000  # batch size ~ Binomial(n, mu/n); the documented Bernstein bound must hold
     assert binom.sf(m, n, mu / n) <= math.exp(-k * k / 2)
+
+
+def test_per_group_clipping_clips_each_group_to_its_share_and_keeps_the_noise():
+    """Head and adapters clipped separately to C sqrt(share) and C sqrt(1 - share): every clipped sample's
+    norm stays <= C (so sigma * C noise and the accounting are unchanged), and a head with a huge gradient
+    no longer shrinks the adapters' part."""
+    from fedsim.dp import clip_groups
+    g = torch.Generator().manual_seed(0)
+    R, b, D_a, D_h = 2, 5, 6, 3
+    grads = torch.randn(R, b, D_a + D_h, generator=g)
+    grads[:, :, D_a:] *= 50.0                                  # the head dominates, as measured under DP
+    groups = clip_groups({"l.lora_A": (0, 4), "l.lora_B": (4, 6), "classifier.weight": (6, 9)},
+                         {"classifier.weight"}, 0.25)
+    assert groups == (((0, 6), 0.75), ((6, 9), 0.25))
+    C, keys = 2.0, [(0, "noise", 0, r, 0) for r in range(R)]
+    per_group = clip_and_noise(grads, C, 0.0, 1.0, keys, groups=groups)
+    joint = clip_and_noise(grads, C, 0.0, 1.0, keys)
+    for r in range(R):
+        for (lo, hi), share in groups:
+            part = grads[r, :, lo:hi]
+            factor = (C * share ** 0.5 / (part.norm(dim=1) + 1e-6)).clamp(max=1.0)
+            torch.testing.assert_close(per_group[r, lo:hi], (factor[:, None] * part).sum(0))
+    assert per_group[:, :D_a].norm() > 10 * joint[:, :D_a].norm()  # adapters keep their signal
+    noisy_g = clip_and_noise(grads, C, 0.7, 1.0, keys, groups=groups)
+    noisy_j = clip_and_noise(grads, C, 0.7, 1.0, keys)
+    torch.testing.assert_close(noisy_g - per_group, noisy_j - joint)  # the same noise: sigma * C * z
+    # sq_norms per group give the same result as norms computed here
+    sq = torch.stack([grads[:, :, lo:hi].pow(2).sum(-1) for (lo, hi), _ in groups], -1)
+    torch.testing.assert_close(clip_and_noise(grads, C, 0.0, 1.0, keys, sq_norms=sq, groups=groups), per_group)
+
+
+def test_clip_groups_edge_cases():
+    from fedsim.dp import clip_groups
+    assert clip_groups({"a": (0, 2), "h": (2, 3)}, {"h"}, None) is None          # joint clipping
+    assert clip_groups({"a": (0, 2)}, {"h"}, 0.3) == (((0, 2), 1.0),)            # frozen head: one group
+    with pytest.raises(ValueError, match="contiguous"):
+        clip_groups({"a": (0, 2), "h": (2, 3), "b": (3, 4)}, {"h"}, 0.3)

@@ -57,19 +57,22 @@ def test_federations_and_chunks_share_one_pass(make_model, sst2_small):
         assert_same({k: v[f] for k, v in eng.global_state.items()}, ref)
 
 
-def test_private_engine_equals_private_reference(make_model, sst2_small):
-    """DP-SGD: per-sample clipping (flat, over all trainable tensors) and the same seeded noise streams."""
+@pytest.mark.parametrize("head_share", [None, 0.2])
+def test_private_engine_equals_private_reference(make_model, sst2_small, head_share):
+    """DP-SGD: per-sample clipping (flat over all trainable tensors, or per group: head and adapters each
+    to their share of C) and the same seeded noise streams."""
     labels = sst2_small["labels"].numpy()
     parts = dirichlet_label_skew(labels, 3, alpha=0.5, seed=1)
     q, sigma, C = 0.05, 0.7, 0.5
     max_batch = max_poisson_batch(q * max(map(len, parts)))
     opt = {"name": "sgd", "lr": 0.5, "momentum": 0.0}
     eng = build_engine(make_model, sst2_small, [parts], seeds=[1], optimizer=opt, targets=["query", "value"],
-                       fraction=1.0, dp=DPSetup(max_grad_norm=C, sample_rate=q, max_batch=max_batch), sigmas=[sigma])
+                       fraction=1.0, dp=DPSetup(max_grad_norm=C, sample_rate=q, max_batch=max_batch,
+                                                head_share=head_share), sigmas=[sigma])
     init = {k: v[0].clone() for k, v in eng.global_state.items()}
     for _ in range(2):
         eng.run_round()
     cfg = reference_cfg(opt, ["query", "value"], 1.0, seed=1, dp_max_grad_norm=C, dp_noise_multiplier=sigma,
-                        dp_sample_rate=q, dp_max_batch=max_batch)
+                        dp_sample_rate=q, dp_max_batch=max_batch, dp_head_share=head_share)
     ref, _ = run_reference(make_model, sst2_small, parts, init, cfg)
     assert_same({k: v[0] for k, v in eng.global_state.items()}, ref)
