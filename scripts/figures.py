@@ -866,14 +866,15 @@ DEVIATIONS = """\
 
 - **Backbone.** Every run uses `all-MiniLM-L6-v2` (a 6-layer, 384-wide sentence-transformers encoder,
   22M parameters, contrastively trained on about a billion sentence pairs including NLI data) with a fresh
-  classification head on the BERT pooler; the `quick` profile keeps only its first layers
+  linear classification head on its mean-pooled sentence embedding (the pooling it was trained with; runs
+  whose summary.json says `pooling: cls` used [CLS] and the BERT pooler); the `quick` profile keeps only its first layers
   (`num_hidden_layers`). The papers fine-tune much larger backbones (e.g. RoBERTa-Large in FFA-LoRA), so
   absolute accuracies are lower and gaps between methods can differ in size and even in sign.
 - **Data.** MNLI training uses the 19% uniform subset shipped in `../shared/data` (74,569 pairs) and is
   evaluated on `validation_matched`; SST-2, RTE and 20 Newsgroups are the full public splits (the `quick`
   profile subsamples them, see each family's setting line). MNLI has no genre column here, so non-IID MNLI
-  splits are by label only. The `quick` profile replaces MNLI (and 20 Newsgroups where noted) with SST-2
-  because federated MNLI at this scale stays at chance within a CPU budget.
+  splits are by label only. Where a family's `quick` profile replaces MNLI or 20 Newsgroups with SST-2,
+  its notes say why.
 - **Scale.** Fewer clients, rounds, local steps and seeds than the papers (the `paper` profile moves toward
   their scale on a GPU). Privacy: DP-SGD with per-sample clipping and Poisson sampling on every client,
   accounted per client with RDP over all of its local steps; the papers' exact accounting choices may differ.
