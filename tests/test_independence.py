@@ -92,7 +92,7 @@ def test_sweep_variants_share_clients_batches_and_masks(make_model, sst2_small):
 def test_sweep_variants_share_the_noise_draw(make_model, sst2_small):
     """Three noise levels of one seed, one SGD step: the update is linear in sigma * z, so with a shared z
     global(2s) - global(0) = 2 (global(s) - global(0)) exactly (up to float rounding)."""
-    feds = [(3, 0.1, 8.0, 0.0), (3, 0.1, 8.0, 1.5), (3, 0.1, 8.0, 3.0)]
+    feds = [(3, 0.1, 8.0, 0.0, 0.5), (3, 0.1, 8.0, 1.5, 0.5), (3, 0.1, 8.0, 3.0, 0.5)]
     g = _engine(make_model, sst2_small, feds, True, chunk=None, K=1)
     g.opt_cfg = {"name": "sgd", "lr": 0.1, "momentum": 0.0}
     state = _final_global(g, rounds=1)
