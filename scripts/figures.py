@@ -938,6 +938,34 @@ def write_readme(root, profile, sections, claim_rows, heatmaps, notes_by_family)
     (root / "README.md").write_text("\n".join(lines).rstrip() + "\n")
 
 
+def tuning_table(w, runs, root):
+    """The tuning passes of a family's tuned runs: every grid point's mean dev accuracy, the choice marked."""
+    rows, raw = [], []
+    for r in runs:
+        tuned = r["meta"].get("tuned")
+        path = Path(root) / tuned["tuning_dir"] / "tuning.json" if tuned else None
+        if path is None or not path.exists():
+            continue
+        record = json.loads(path.read_text())
+        keys = list(record["grid"])
+        for row in record["table"]:
+            point = {k: row[k] for k in keys}
+            acc = row["dev_accuracy"]
+            rows.append({"run": r["name"], **{k: f"{v:g}" for k, v in point.items()},
+                         "dev accuracy (%)": "-" if acc is None else f"{100 * acc:.1f}"
+                         + (" ← chosen" if point == record["chosen"] else "")
+                         + (" (edge of the grid: the best may lie beyond)" if point == record["chosen"] and any(
+                             len(record["grid"][k]) > 1 and v in (min(record["grid"][k]), max(record["grid"][k]))
+                             for k, v in point.items()) else ""),
+                         "tuning seeds": ",".join(map(str, record["seeds"]))})
+            raw.append({"run": r["name"], **point, "dev_accuracy": acc, "chosen": point == record["chosen"],
+                        "seeds": record["seeds"], "dev_fraction": record["dev_fraction"]})
+    if rows:
+        w.table("tuning", pd.DataFrame(rows).set_index("run"), pd.DataFrame(raw),
+                "Tuning: each grid point's mean final accuracy on the dev split (training rows held out from every "
+                "client), run as federations of one pass; the run uses the chosen point on all its rows.")
+
+
 # ============================================================================= main
 
 RENDER = {"ffa_table": family_ffa_table, "heterogeneity": family_heterogeneity, "alpha": family_alpha,
@@ -955,7 +983,7 @@ def available_profiles(root):
 
 
 def build(root, profile, families=None):
-    from scripts.reproduce import load_families
+    from scripts.reproduce import expand, load_families
     root = Path(root)
     fam_docs = load_families(families) if families else load_families()
     ctx = {"root": root, "profile": profile}
@@ -978,8 +1006,12 @@ def build(root, profile, families=None):
         if fam == "slora":
             ctx["slora_ran"] = True
         RENDER.get(fam, lambda *_: None)(w, runs, ctx)
+        tuning_table(w, runs, root)
         bad = [_status_line(r) for r in runs if r["summary"].get("status") != "finished"]
-        status = [f"{len(runs) - len(bad)} of {len(runs)} runs finished"] + bad
+        planned = [spec["name"] for spec in expand(fam_docs[fam], profile)] if profile in fam_docs[fam].get(
+            "profiles", {}) else []
+        absent = [f"run `{n}`: not run yet" for n in planned if n not in {r["name"] for r in runs}]
+        status = [f"{len(runs) - len(bad)} of {max(len(runs), len(planned))} runs finished"] + bad + absent
         sections[fam] = (setting_line(runs), status, provenance(runs), w.items)
     heat = partition_heatmaps(root, profile, all_runs)
     write_readme(root, profile, sections, claims(ctx), heat, notes)
