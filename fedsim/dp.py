@@ -150,8 +150,9 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
     if unreachable:
         raise ValueError(f"{fix} (even noise multiplier {MAX_USEFUL_SIGMA:g} is not enough)")
     try:
-        sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                     steps=int(steps), accountant=accountant, **_orders(accountant))
+        with _quiet_rdp_orders() if accountant == "prv" else contextlib.nullcontext():
+            sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                         steps=int(steps), accountant=accountant, **_orders(accountant))
     except (ValueError, OverflowError, FloatingPointError) as e:
         raise ValueError(f"{fix} ({e})") from e
     if not math.isfinite(sigma) or sigma > MAX_USEFUL_SIGMA:
@@ -170,14 +171,17 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
         return math.inf
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
-    return float(acc.get_epsilon(delta=delta, **_orders(accountant)))
+    with _quiet_rdp_orders() if accountant == "prv" else contextlib.nullcontext():
+        return float(acc.get_epsilon(delta=delta, **_orders(accountant)))
 
 
 @contextlib.contextmanager
 def _quiet_rdp_orders():
     """Silence Opacus' "Optimal order is the largest alpha" warning where it is expected: at the
-    MAX_USEFUL_SIGMA probe (only compared with the target, never reported). Anywhere else the warning
-    stays visible: it would mean a reported epsilon is looser than it needs to be."""
+    MAX_USEFUL_SIGMA probe (only compared with the target, never reported) and inside Opacus' PRV
+    accountant (it bounds its discretization domain with RDP at the default orders; the PRV epsilon
+    itself does not come from RDP). Anywhere else the warning stays visible: it would mean a reported
+    RDP epsilon is looser than it needs to be."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         yield
