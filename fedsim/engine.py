@@ -83,6 +83,7 @@ class FederatedEngine:
         self.global_state = {k: v.to(device, self.dtype) for k, v in
                              method.init_global(stacked, [f.seed for f in federations]).items()}
         self.tensors = stacked.tensors()                        # after init_global: it may add tensors
+        self.head_names = [f"{h}.{p}" for h in stacked.heads for p in ("weight", "bias")]   # per-group clipping
         self.ledger = Ledger(len(federations))
         self.round_idx = 0
         # federation index -> {"round": 1-based round, "reason": str}. A failed federation is frozen at its
@@ -183,8 +184,7 @@ class FederatedEngine:
         run_rows = rows.reshape(-1) if st.slots is None else rows.reshape(-1)[real]
         per_sample = self.dp is not None
         specs = [(n, tuple(self.tensors[n].shape[1:])) for n in trainable]
-        heads = [f"{h}.{p}" for h in self.stacked.heads for p in ("weight", "bias")]
-        st.buffer = GradBuffer(specs, Rc, b, per_sample, self.device, self.dtype, head_names=heads,
+        st.buffer = GradBuffer(specs, Rc, b, per_sample, self.device, self.dtype, head_names=self.head_names,
                                head_share=self.dp.head_share if per_sample else None)
         inputs, labels = _index_rows(self.train, run_rows, self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_is_cuda(self.device)):
