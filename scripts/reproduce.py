@@ -8,13 +8,15 @@ as such in every output) and `smoke` (seconds per family, for the tests). A prof
 runs: `base` (fedsim config keys, as in fedsim/config.py DEFAULTS) x the cartesian product of `axes`
 (each value sets config keys and gives the run a label), then `task_overrides` for the run's task, then
 every `when` rule whose `match` ({axis: label or [labels]}) fits the run; `exclude` drops combinations. Seeds
-and sweeps (optimizer.lr, lora.alpha, dp.epsilon) are federations inside one run, not separate runs.
+and sweeps (optimizer.lr, lora.alpha, dp.epsilon, dp.max_grad_norm) are federations inside one run, not
+separate runs.
 
 Tuning: a run whose merged layers hold `tune: {grid: {sweepable key: [values]}, seeds: [...],
-dev_fraction: f, set: {config overrides of the tuning pass only, e.g. one epsilon}}` first runs that grid (x the run's own sweep, x the tuning seeds) as federations of ONE
-pass, on its config with `dev_fraction` of the training rows held out as split "dev"; the grid point with
-the best mean final dev accuracy (over tuning seeds and the run's own sweep values, e.g. every epsilon) is
-then set in the run's config. Every method of a family gets the same grid and protocol; the reported split
+dev_fraction: f, set: {overrides of the tuning pass only, e.g. one epsilon}}` first runs that grid
+(x the run's own sweep, x the tuning seeds) as federations of ONE pass, on its config with
+`dev_fraction` of the training rows held out as split "dev"; the grid point with the best mean final dev
+accuracy (over tuning seeds and the run's own sweep values, e.g. every epsilon) is then set in the run's
+config. Every method of a family gets the same grid and protocol; the reported split
 is never used to choose. The tuning pass lives in <results>/<family>/<profile>-tuning/<run-name>/ with
 tuning.json (every grid point's score, the choice); the run's run.json says what was chosen. Tuning a
 private run on the clients' data spends privacy that the reported epsilon does not count (as in most DP
@@ -188,10 +190,10 @@ def tuning_config(spec):
     dev_fraction of the training rows held out."""
     tune = spec["tune"]
     unknown = sorted(set(tune) - set(TUNE_KEYS))
-    if unknown or not isinstance(tune.get("grid"), dict) or not tune["grid"]:
-        raise ValueError(f"run {spec['name']}: tune needs {{grid: {{key: [values]}}, seeds: [...], dev_fraction: f}}"
-                         f" (unknown keys {unknown})" if unknown else f"run {spec['name']}: tune.grid must map "
-                         f"sweepable keys ({list(C.SWEEPABLE)}) to value lists")
+    if unknown:
+        raise ValueError(f"run {spec['name']}: unknown tune keys {unknown}; valid: {list(TUNE_KEYS)}")
+    if not isinstance(tune.get("grid"), dict) or not tune["grid"]:
+        raise ValueError(f"run {spec['name']}: tune.grid must map sweepable keys ({list(C.SWEEPABLE)}) to value lists")
     over = _deep_update(copy.deepcopy(spec["overrides"]), tune.get("set", {}))   # e.g. tune at one epsilon
     own = dict(over.get("sweep", {}))
     clash = sorted(set(own) & set(tune["grid"]))
@@ -250,7 +252,6 @@ def run_one(family, profile, spec, root, retry_failed=False, runner=None, progre
     Returns (status, seconds)."""
     from fedsim.run import RunError, run as fedsim_run
     runner = runner or fedsim_run
-    out = Path(root) / family / profile / spec["name"]
     t0 = time.perf_counter()
     if spec.get("tune"):
         try:
@@ -262,7 +263,7 @@ def run_one(family, profile, spec, root, retry_failed=False, runner=None, progre
             print(f"  FAILED {family}/{spec['name']} (tuning): {e}", file=sys.stderr, flush=True)
             return f"failed: tuning: {type(e).__name__}: {e}", time.perf_counter() - t0
         spec = dict(spec, overrides=overrides, tuned=dict(chosen=record["chosen"], tuning_dir=record["tuning_dir"]))
-    status, secs = _run_tuned(family, profile, spec, root, retry_failed, runner, progress)
+    status, _ = _run_tuned(family, profile, spec, root, retry_failed, runner, progress)
     return status, time.perf_counter() - t0
 
 
