@@ -59,6 +59,43 @@ def _trim(inputs):
     return {k: v[:, :T] for k, v in inputs.items()}
 
 
+# A step's rows run as at most this many passes, grouped by length (each trimmed to its own longest row).
+# More groups cut fewer padded tokens each while every pass pays a fixed cost (and the stacked layers'
+# small per-replica part runs on every slot once per pass).
+MAX_LENGTH_GROUPS = 4
+
+
+def length_groups(lengths, max_groups=MAX_LENGTH_GROUPS):
+    """Split rows into at most `max_groups` groups of consecutive lengths so that the token slots computed,
+    sum over groups of (rows x the group's longest length), are the fewest (exact dynamic programme over
+    the sorted distinct lengths). Exact for the model: every sample's computation is its own (attention
+    is masked per sequence; the backbone runs in eval mode, no batch statistics).
+
+    lengths: [N] ints. Returns a list of index tensors into the N rows, shortest group first.
+    """
+    lengths = torch.as_tensor(lengths)
+    values, counts = torch.unique(lengths, return_counts=True)        # sorted distinct lengths
+    k, G = len(values), max(1, min(max_groups, len(values)))
+    v, before = values.double().numpy(), np.concatenate([[0], np.cumsum(counts.numpy())])
+    # best[g][j]: fewest slots covering distinct values 0..j with g + 1 groups; cut[g][j]: where the last starts
+    best = np.full((G, k), np.inf)
+    cut = np.zeros((G, k), dtype=np.int64)
+    best[0] = before[1:] * v
+    for g in range(1, G):
+        for j in range(g, k):
+            starts = np.arange(g, j + 1)                            # the last group covers starts..j
+            cost = best[g - 1][starts - 1] + (before[j + 1] - before[starts]) * v[j]
+            i = int(cost.argmin())
+            best[g, j], cut[g, j] = cost[i], starts[i]
+    g = int(best[:, k - 1].argmin())                                # fewer groups when they cost the same
+    bounds, j = [], k - 1
+    while g >= 0:
+        i = int(cut[g, j]) if g > 0 else 0
+        bounds.append((values[i], values[j]))
+        j, g = i - 1, g - 1
+    return [((lengths >= lo) & (lengths <= hi)).nonzero().squeeze(1) for lo, hi in reversed(bounds)]
+
+
 class FederatedEngine:
     def __init__(self, stacked, method, train, federations, *, local_steps, batch_size, client_fraction,
                  optimizer, dp=None, replica_chunk=None, device="cpu", eval_sets=None, eval_batch_size=128):
@@ -182,15 +219,24 @@ class FederatedEngine:
         mask = mask.to(self.device)
         st.pack(mask)                                  # ragged Poisson batches: the backbone runs real rows only
         run_rows = rows.reshape(-1) if st.slots is None else rows.reshape(-1)[real]
+        slots = st.slots if st.slots is not None else torch.arange(Rc * b, device=self.device)
         per_sample = self.dp is not None
         specs = [(n, tuple(self.tensors[n].shape[1:])) for n in trainable]
         st.buffer = GradBuffer(specs, Rc, b, per_sample, self.device, self.dtype, head_names=self.head_names,
                                head_share=self.dp.head_share if per_sample else None)
-        inputs, labels = _index_rows(self.train, run_rows, self.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_is_cuda(self.device)):
-            logits = self.stacked(**_trim(inputs))
-        ce = F.cross_entropy(logits.to(self.dtype), labels, reduction="none")   # bf16 logits -> fp32
-        ce = st.pad(ce).view(Rc, b)                                              # 0 in empty slots
+        # the rows run as a few passes grouped by length, one backward for all (containers that run every
+        # slot in each pass, like full fine-tuning's vmap, take one pass)
+        groups = length_groups(self.train["attention_mask"][run_rows].sum(1),
+                               MAX_LENGTH_GROUPS if getattr(self.stacked, "runs_packed_rows", False) else 1)
+        ce_parts = []
+        for group in groups:
+            st.select(slots[group.to(self.device)], Rc * b)
+            inputs, labels = _index_rows(self.train, run_rows[group], self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_is_cuda(self.device)):
+                logits = self.stacked(**_trim(inputs))
+            ce_parts.append(F.cross_entropy(logits.to(self.dtype), labels, reduction="none"))  # bf16 -> fp32
+        ce = torch.cat(ce_parts)
+        ce = ce.new_zeros(Rc * b).index_copy(0, slots[torch.cat(groups).to(self.device)], ce).view(Rc, b)  # 0: empty slot
         if per_sample:   # sum of per-sample losses: the per-sample gradients are those of each sample's loss
             loss = (ce * mask).sum()
         else:
@@ -265,11 +311,12 @@ class FederatedEngine:
         for split, data in self.eval_sets.items():
             correct = torch.zeros(F_)
             n = len(data["labels"])
+            by_length = data["attention_mask"].sum(1).argsort(stable=True)   # batches of similar length: less padding
             for f0 in range(0, F_, per_pass):
                 fs = slice(f0, min(f0 + per_pass, F_))
                 st.active = fs
                 for i in range(0, n, self.eval_batch_size):
-                    idx = torch.arange(i, min(i + self.eval_batch_size, n))
+                    idx = by_length[i: i + self.eval_batch_size]
                     rows = idx.repeat(fs.stop - fs.start)         # every federation sees the same rows
                     inputs, labels = _index_rows(data, rows, self.device)
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_is_cuda(self.device)):

@@ -25,6 +25,10 @@ class GradBuffer:
     per_sample=False: `summed[name]` is [Rc, *shape]. per_sample=True: every trainable tensor's
     per-sample gradient goes into its slice of one flat [Rc, b, D] buffer (canonical order), the layout
     the fused clip-and-noise kernel reads, and `sq_norms` [Rc, b] accumulates the squared norms.
+
+    A step may run its rows as several passes (length groups, fedsim.engine.length_groups), each putting
+    every tensor's gradient once: puts add up. A sample's rows lie in exactly one pass and the others put
+    exact zeros for it (its input slots are zero there), so summing squared norms per put is exact.
     """
 
     def __init__(self, specs, num_replicas, batch_size, per_sample, device, dtype=torch.float32,
@@ -47,10 +51,10 @@ class GradBuffer:
 
     def put(self, name, grad):
         if not self.per_sample:
-            self.summed[name] = grad
+            self.summed[name] = grad if name not in self.summed else self.summed[name] + grad
             return
         lo, hi = self.offsets[name]
-        self.flat[:, :, lo:hi].copy_(grad.flatten(2))
+        self.flat[:, :, lo:hi] += grad.flatten(2)
         sq = grad.flatten(2).pow(2).sum(-1)
         self.sq_norms += sq
         if self.groups is not None:
@@ -71,7 +75,9 @@ class _StackedState:
     batches), the pass runs only the N real rows ("packed"): the frozen backbone, the bulk of the compute,
     never sees a padding slot. `slots` [N] gives each packed row's position among the Rc*b replica-major
     slots; stacked layers `pad` their input to that layout for the per-replica part (zeros in empty
-    slots, so those contribute exactly zero gradient) and `unpad` its output back.
+    slots, so those contribute exactly zero gradient) and `unpad` its output back. `select` sets the rows of
+    a pass directly (one length group of the packed rows); backward reads none of this state, so a step may
+    run several passes and call backward once.
     """
 
     def __init__(self):
@@ -87,6 +93,10 @@ class _StackedState:
             self.slots = self.num_slots = None
         else:
             self.slots, self.num_slots = mask.reshape(-1).nonzero().squeeze(1), mask.numel()
+
+    def select(self, slots, num_slots):
+        """The next pass runs the rows at `slots` [n] of the Rc*b = num_slots replica-major slots."""
+        self.slots, self.num_slots = slots, num_slots
 
     def pad(self, x):
         """Packed rows [N, ...] -> replica-major rows [Rc*b, ...], zeros in empty slots."""
@@ -286,6 +296,8 @@ def target_module_names(model, targets, head="classifier"):
 
 class StackedModel(nn.Module):
     """A transformers classifier with stacked LoRA layers and a stacked head; base weights frozen, shared."""
+
+    runs_packed_rows = True     # a pass computes only its selected rows (the engine may split a step by length)
 
     def __init__(self, model, num_replicas, rank, targets=("query", "value"), head="classifier"):
         super().__init__()

@@ -112,6 +112,7 @@ def test_evaluate_uses_each_federations_lora_scale(make_model, sst2_small):
     eng.evaluate()
     del eng.stacked.forward
     fed1 = seen[0][24:]                                          # rows are federation-major: 24 per federation
+    by_length = evalset["attention_mask"].sum(1).argsort(stable=True)   # ... in order of length
     st = eng.stacked.state
     direct = {}
     with torch.no_grad():
@@ -120,8 +121,8 @@ def test_evaluate_uses_each_federations_lora_scale(make_model, sst2_small):
                 eng.tensors[name][r].copy_(g[1])
             st.active = slice(r, r + 1)
             direct[r] = eng.stacked(**{k: v for k, v in evalset.items() if k != "labels"})
-    torch.testing.assert_close(fed1, direct[2], rtol=1e-5, atol=1e-6)
-    assert (fed1 - direct[0]).abs().max() > 1e-3
+    torch.testing.assert_close(fed1, direct[2][by_length], rtol=1e-5, atol=1e-6)
+    assert (fed1 - direct[0][by_length]).abs().max() > 1e-3
     assert scales[0][0].item() == pytest.approx(1.0 / 4) and scales[0][2].item() == pytest.approx(64.0 / 4)
 
 
@@ -151,3 +152,49 @@ def test_packed_poisson_pass_equals_padded_pass(make_model, sst2_small, method, 
     ref.run_round()
     for n, v in ref.global_state.items():
         torch.testing.assert_close(eng.global_state[n], v, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_length_groups_cover_every_row_once_with_fewest_slots():
+    """Groups partition the rows into consecutive length ranges, and no split into at most G such ranges
+    computes fewer token slots (brute force over every set of cut points)."""
+    import itertools
+    from fedsim.engine import length_groups
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        lengths = torch.randint(1, 12, (int(torch.randint(1, 40, (1,), generator=gen)),), generator=gen)
+        for G in (1, 2, 3, 4):
+            groups = length_groups(lengths, G)
+            assert 1 <= len(groups) <= G
+            assert sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
+            maxes = [int(lengths[g].max()) for g in groups]
+            assert maxes == sorted(maxes) and all(int(lengths[g].min()) > m for g, m in zip(groups[1:], maxes))
+            slots = sum(len(g) * m for g, m in zip(groups, maxes))
+            values = sorted(set(lengths.tolist()))
+            best = min(sum(int((lengths <= values[j]).sum() - (lengths <= (values[i - 1] if i else 0)).sum()) * values[j]
+                           for i, j in zip((0,) + tuple(c + 1 for c in cuts), cuts + (len(values) - 1,)))
+                       for n in range(min(G, len(values))) for cuts in itertools.combinations(range(len(values) - 1), n))
+            assert slots == best, (trial, G)
+
+
+@pytest.mark.parametrize("method,private", [("fedavg_lora", False), ("fedavg_lora", True), ("slora", True),
+                                            ("ffa_lora", True)])
+def test_length_grouped_step_equals_one_padded_pass(make_model, sst2_small, method, private, monkeypatch):
+    """A step run as several passes grouped by length (one backward) gives the same update as one pass over
+    all rows padded to the longest: per-sample gradients, clipping and noise included."""
+    import fedsim.engine as engine
+    parts = iid(sst2_small["labels"].numpy(), 2, seed=1)
+    dp = DPSetup(max_grad_norm=0.5, sample_rate=0.1, max_batch=max_poisson_batch(0.1 * max(map(len, parts)))) \
+        if private else None
+    kw = dict(seeds=[2, 3], optimizer=SGD, targets=["query", "value"], fraction=1.0, K=2, b=8, method=method, dp=dp,
+              sigmas=[0.7, 0.7] if private else None)
+    calls = []
+    trim = engine._trim
+    monkeypatch.setattr(engine, "_trim", lambda inputs: calls.append(trim(inputs)["input_ids"].shape) or trim(inputs))
+    grouped = build_engine(make_model, sst2_small, [parts, parts], **kw)
+    grouped.run_round()
+    assert len(calls) > 2 * 2 and len({t for _, t in calls}) > 1      # several passes per step, different lengths
+    monkeypatch.setattr(engine, "MAX_LENGTH_GROUPS", 1)
+    single = build_engine(make_model, sst2_small, [parts, parts], **kw)
+    single.run_round()
+    for n, v in single.global_state.items():
+        torch.testing.assert_close(grouped.global_state[n], v, rtol=1e-5, atol=1e-6, msg=n)
