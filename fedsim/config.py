@@ -19,7 +19,7 @@ DEFAULTS = {
     "max_length": 64,
     "padding": "longest",        # or max_length
     "train_subsample": None,     # rows of the train split (deterministic) for quick runs
-    "dev_fraction": 0.0,         # hold out this share of the training rows as split "dev" (tuning), never trained on
+    "dev_fraction": 0.0,         # hold out this share of the training rows as split "dev" (tuning), never trained on; the run is then scored on dev only
     "eval_subsample": 1000,
     "strip_metadata": False,     # 20 Newsgroups: drop headers/footers/quotes like scikit-learn
     "model": "all-MiniLM-L6-v2",

@@ -102,7 +102,8 @@ class Experiment:
         labels = load_split(self.task, self.task.train_split, data_dir=cfg["data_dir"],
                             subsample=cfg["train_subsample"], strip_metadata=cfg["strip_metadata"])["label"].to_numpy()
         self.train_rows, self.dev_rows = dev_split(len(labels), cfg["dev_fraction"])
-        self.eval_splits = dict(self.task.eval_splits, **({"dev": None} if len(self.dev_rows) else {}))
+        # a run with a dev split (a tuning pass) is scored on it alone: it never sees the reported split
+        self.eval_splits = {"dev": None} if len(self.dev_rows) else dict(self.task.eval_splits)
         pcfg = dict(cfg["partition"])
         pname = pcfg.pop("name")
         self.feds = []
@@ -144,11 +145,12 @@ class Experiment:
         kw = dict(max_length=cfg["max_length"], padding=cfg["padding"], data_dir=cfg["data_dir"],
                   strip_metadata=cfg["strip_metadata"])
         train = load_tokenized(self.task, self.task.train_split, tok, subsample=cfg["train_subsample"], **kw)
-        evals = {name: load_tokenized(self.task, split, tok, subsample=cfg["eval_subsample"], **kw)
-                 for name, split in self.task.eval_splits.items()}
         if len(self.dev_rows):                   # held-out training rows: what tuning scores on
             dev = torch.as_tensor(np.sort(self.dev_rows[:cfg["eval_subsample"]]))
-            evals["dev"] = {k: v[dev] for k, v in train.items()}
+            evals = {"dev": {k: v[dev] for k, v in train.items()}}
+        else:
+            evals = {name: load_tokenized(self.task, split, tok, subsample=cfg["eval_subsample"], **kw)
+                     for name, split in self.task.eval_splits.items()}
         if self.device.type == "cuda":
             train = {k: v.pin_memory() for k, v in train.items()}
             evals = {s: {k: v.to(self.device) for k, v in d.items()} for s, d in evals.items()}

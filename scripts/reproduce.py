@@ -3,8 +3,9 @@
     python -m scripts.reproduce [--profile smoke|quick|paper] [--only FAMILY ...] [--results DIR]
 
 A family is one YAML file in configs/ (every file with a `family:` key) holding one section per profile:
-`paper` (the papers' scale, for a GPU), `quick` (a CPU in <= 45 minutes, smaller model and data, labeled
-as such in every output) and `smoke` (seconds per family, for the tests). A profile section expands into
+`paper` (the papers' scale, for a GPU), `quick` (a CPU, smaller model and data, labeled as such in every
+output) and `smoke` (seconds per family, for the tests); a family without a section for the chosen profile is
+skipped, and said so. A profile section expands into
 runs: `base` (fedsim config keys, as in fedsim/config.py DEFAULTS) x the cartesian product of `axes`
 (each value sets config keys and gives the run a label), then `task_overrides` for the run's task, then
 every `when` rule whose `match` ({axis: label or [labels]}) fits the run; `exclude` drops combinations. Seeds
@@ -99,8 +100,11 @@ def load_families(config_dir=CONFIG_DIR):
 # ----------------------------------------------------------------------------- expansion
 
 def _deep_update(dst, src):
+    """dst updated by src, nested sections merged; a section that names another kind (a new method,
+    partition or optimizer `name`) replaces the old one, whose parameters mean nothing to the new kind."""
     for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict) and k not in ("sweep",):
+        if isinstance(v, dict) and isinstance(dst.get(k), dict) and k not in ("sweep",) \
+                and v.get("name", dst[k].get("name")) == dst[k].get("name"):
             _deep_update(dst[k], v)
         else:
             dst[k] = copy.deepcopy(v)
@@ -182,6 +186,21 @@ def _atomic_write(path, text):
     os.replace(tmp, path)
 
 
+def saved_config(path):
+    """A run directory's config.yaml with the config keys added to DEFAULTS since it was written set to
+    their defaults (a new key's default is the behaviour the code had before it existed), or None."""
+    try:
+        saved = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    cfg = copy.deepcopy(C.DEFAULTS)
+    try:
+        C._merge(cfg, saved)
+    except (ValueError, KeyError, TypeError):
+        return saved
+    return cfg
+
+
 TUNE_KEYS = ("grid", "seeds", "dev_fraction", "set")
 
 
@@ -227,9 +246,12 @@ def tune_one(family, profile, spec, root, runner):
     """Run (or reuse) a run's tuning pass; returns (overrides with the chosen values set, tuning record)."""
     cfg = tuning_config(spec)
     out = Path(root) / family / f"{profile}-tuning" / spec["name"]
+    # tuned before (this run, or another run whose tuning pass is the same config, e.g. every partition of
+    # a method tuned on one): reuse its scores, train nothing
+    out = find_twin(root, f"{profile}-tuning", cfg, None) or out
     done = out / "summary.json"
-    if done.exists() and (out / "config.yaml").exists() and yaml.safe_load((out / "config.yaml").read_text()) == cfg:
-        summary = json.loads(done.read_text())    # tuned before: reuse its scores, train nothing
+    if done.exists() and saved_config(out / "config.yaml") == cfg:
+        summary = json.loads(done.read_text())
     else:
         summary = runner(cfg, out, progress=False)
     if not summary.get("status", "").startswith(("finished", "failed: ")):
@@ -277,8 +299,7 @@ def _run_tuned(family, profile, spec, root, retry_failed, runner, progress):
         meta["tuned"] = spec["tuned"]
     if summary_path.exists():
         status = json.loads(summary_path.read_text()).get("status", "?")
-        if (out / "config.yaml").exists() and yaml.safe_load((out / "config.yaml").read_text()) != \
-                build_config(spec["overrides"]):
+        if (out / "config.yaml").exists() and saved_config(out / "config.yaml") != build_config(spec["overrides"]):
             return (f"stale: {out} was made with a different config (configs/ changed since); delete it to "
                     f"rerun", 0.0)
         if status == "finished" or not retry_failed:
@@ -287,8 +308,7 @@ def _run_tuned(family, profile, spec, root, retry_failed, runner, progress):
     try:
         cfg = build_config(spec["overrides"])
         if (out / "config.yaml").exists():
-            old = yaml.safe_load((out / "config.yaml").read_text())
-            if old != cfg:
+            if saved_config(out / "config.yaml") != cfg:
                 raise RunError(f"{out} holds a run of a different config (configs/ changed since); "
                                f"delete that directory to rerun it")
         out.mkdir(parents=True, exist_ok=True)
@@ -331,8 +351,7 @@ def find_twin(root, profile, cfg, exclude):
         if d == exclude or not (d / "summary.json").exists():
             continue
         try:
-            if json.loads((d / "summary.json").read_text()).get("status") == "finished" and \
-                    yaml.safe_load(cy.read_text()) == cfg:
+            if json.loads((d / "summary.json").read_text()).get("status") == "finished" and saved_config(cy) == cfg:
                 return d
         except (OSError, ValueError, yaml.YAMLError):
             continue
@@ -360,10 +379,10 @@ def partition_csv(cfg):
 
 def plan(families, profile, only=None):
     """[(family, spec)] in order, other families' required runs first, without duplicates."""
-    chosen = [f for f in families if not only or f in only]
     unknown = sorted(set(only or []) - set(families))
     if unknown:
         raise ValueError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; valid: {list(families)}")
+    chosen = [f for f in families if (not only or f in only) and profile in families[f].get("profiles", {})]
     todo, seen = [], set()
     for fam in chosen:
         for dep, names in required(families[fam], profile, families).items():
@@ -402,6 +421,8 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"reproduce: {e}")
     print(f"profile {profile}: {len(todo)} runs in families {chosen} -> {root}", flush=True)
+    for fam in [f for f in families if (not args.only or f in args.only) and f not in chosen]:
+        print(f"  {fam}: no {profile} profile (see {families[fam]['_path']})", flush=True)
     if args.dry_run:
         for fam, spec in todo:
             print(f"  {fam}/{profile}/{spec['name']}")

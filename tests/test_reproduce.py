@@ -83,7 +83,7 @@ def test_tuning_pass_chooses_on_dev_and_the_run_uses_the_choice(smoke_results):
         assert tcfg["seeds"] == [100] and tcfg["dev_fraction"] == 0.2
         assert tcfg["sweep"] == {"optimizer.lr": [0.005, 0.02]}
         summary = json.loads((tuning / "summary.json").read_text())
-        assert all("dev" in f["final"] for f in summary["federations"])
+        assert all(set(f["final"]) == {"dev"} for f in summary["federations"])     # the reported split unseen
         run = smoke_results / "ffa_table" / "smoke" / name
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         assert cfg["optimizer"]["lr"] == record["chosen"]["optimizer.lr"] and cfg["dev_fraction"] == 0
@@ -185,3 +185,41 @@ def test_peft_export_matches_engine_logits(smoke_results, tmp_path, run_name, fe
     assert got.shape == want.shape == (3, 2)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     assert not torch.allclose(want[0], want[1])       # a trained, input-dependent model, not a constant
+
+
+def test_runs_with_the_same_tuning_pass_share_it(tmp_path):
+    """Two runs whose tuning passes are one config (each partition of a method tuned on the IID split) train
+    that pass once; both get its choice."""
+    import yaml
+    passes = []
+
+    def runner(cfg, out, progress=False):
+        passes.append(out)
+        out.mkdir(parents=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+        feds = [dict(variant={"optimizer.lr": lr}, status="finished", final={"dev": acc})
+                for lr, acc in zip(cfg["sweep"]["optimizer.lr"], (0.5, 0.75))]
+        summary = dict(status="finished", federations=feds)
+        (out / "summary.json").write_text(json.dumps(summary))
+        return summary
+    tune = {"grid": {"optimizer.lr": [0.01, 0.02]}, "seeds": [100], "dev_fraction": 0.2,
+            "set": {"partition": {"name": "iid"}}}
+    chosen = []
+    for name, partition in [("iid", {"name": "iid"}), ("dir0.1", {"name": "dirichlet", "alpha": 0.1})]:
+        spec = dict(name=name, overrides={"task": "sst2", "partition": partition}, tune=tune)
+        over, record = reproduce.tune_one("fam", "quick", spec, tmp_path, runner)
+        assert over["partition"] == partition                 # the run itself keeps its own split
+        chosen.append((over["optimizer"]["lr"], record["tuning_dir"]))
+    assert len(passes) == 1 and chosen == [(0.02, "fam/quick-tuning/iid")] * 2
+
+
+def test_a_config_key_added_later_at_its_default_keeps_saved_runs_current(tmp_path):
+    import yaml
+    cfg = reproduce.build_config({"task": "sst2", "dp": {"epsilon": 3.0}})
+    older = json.loads(json.dumps(cfg))
+    del older["dp"]["head_share"]                       # written before dp.head_share existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    assert reproduce.saved_config(tmp_path / "config.yaml") == cfg
+    older["dp"]["max_grad_norm"] = 2.0                  # a real difference still counts
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    assert reproduce.saved_config(tmp_path / "config.yaml") != cfg
