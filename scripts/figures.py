@@ -991,7 +991,13 @@ def build(root, profile, families=None):
     ctx = {"root": root, "profile": profile}
     sections, notes, all_runs = {}, {}, []
     for fam in [f for f in FAMILY_ORDER if f in fam_docs] + [f for f in fam_docs if f not in FAMILY_ORDER]:
-        prof = fam_docs[fam].get("profiles", {}).get(profile, {})
+        if profile not in fam_docs[fam].get("profiles", {}):
+            others = ", ".join(fam_docs[fam].get("profiles", {}))
+            sections[fam] = ("", [f"not part of the {profile} profile (profiles: {others}; "
+                                  f"configs/{Path(fam_docs[fam]['_path']).name})"], [], [])
+            notes[fam] = [fam_docs[fam].get("title", "")]
+            continue
+        prof = fam_docs[fam]["profiles"][profile]
         w = Writer(root, fam, profile)
         _clean(w.out)
         runs = load_runs(root, fam, profile)
