@@ -640,7 +640,8 @@ def family_communication(w, runs, ctx, prof):
                 dacc = c["mean"] - fftc["mean"] if fftc is not None else float("nan")
                 comparable = fftc is not None and dacc >= -tol(c["std"], fftc["std"])
                 rows_all.append({"task": task, "partition": pname, "method": METHOD_LABEL.get(method, method),
-                                 "final acc (%)": fmt_pct(c["mean"], c["std"]),
+                                 "final acc (%)": fmt_pct(c["mean"], c["std"])
+                                 + ("" if learned(c["mean"], 1.0 / num_labels(task)) else " (chance)"),
                                  "Δ acc vs FFT": "-" if dacc != dacc else f"{100 * dacc:+.1f}" + ("" if comparable else " ✗"),
                                  "upload total (MB)": f"{total:.3g}",
                                  f"MB to {100 * target:.1f}%": f"{mb_t:.3g}" if mb_t == mb_t else f"not reached ({reached}/{len(b)})",
@@ -770,7 +771,8 @@ def claims(ctx):
                        & set(_per_seed(het, task=task, method=PEFT_METHOD, partition=k))}
                    for k in (first["key"], last["key"])}
             v = paired_verdict(gap[last["key"]], gap[first["key"]])
-            parts[-1] += f" [growth {first['partition']} → {last['partition']}: {v.text()}]"
+            parts[-1] += f" [growth {first['partition']} → {last['partition']}: " + (
+                "no verdict, FedAvg-FFT at chance]" if dead else f"{v.text()}]")
             verdicts.append("inconclusive (FedAvg-FFT at chance)" if dead else v.verdict)
         out.append(("SLoRA", "the gap of PEFT (LoRA) to full fine-tuning widens as data grow more heterogeneous "
                     "(Dirichlet α shrinks)", "heterogeneity",
@@ -943,29 +945,33 @@ def write_readme(root, profile, sections, claim_rows, heatmaps, notes_by_family)
 def tuning_table(w, runs, root):
     """The tuning passes of a family's tuned runs: every grid point's mean dev accuracy, the choice marked."""
     rows, raw = [], []
+    users = {}                                  # tuning pass -> the runs that use its choice (one pass may serve several)
     for r in runs:
         tuned = r["meta"].get("tuned")
-        path = Path(root) / tuned["tuning_dir"] / "tuning.json" if tuned else None
-        if path is None or not path.exists():
+        if tuned:
+            users.setdefault(tuned["tuning_dir"], []).append(r["name"])
+    for tuning_dir, names in users.items():
+        path = Path(root) / tuning_dir / "tuning.json"
+        if not path.exists():
             continue
         record = json.loads(path.read_text())
         keys = list(record["grid"])
         for row in record["table"]:
             point = {k: row[k] for k in keys}
             acc = row["dev_accuracy"]
-            rows.append({"run": r["name"], **{k: f"{v:g}" for k, v in point.items()},
+            rows.append({"run": ", ".join(names), **{k: f"{v:g}" for k, v in point.items()},
                          "dev accuracy (%)": "-" if acc is None else f"{100 * acc:.1f}"
                          + (" ← chosen" if point == record["chosen"] else "")
                          + (" (edge of the grid: the best may lie beyond)" if point == record["chosen"] and any(
                              len(record["grid"][k]) > 1 and v in (min(record["grid"][k]), max(record["grid"][k]))
                              for k, v in point.items()) else ""),
                          "tuning seeds": ",".join(map(str, record["seeds"]))})
-            raw.append({"run": r["name"], **point, "dev_accuracy": acc, "chosen": point == record["chosen"],
+            raw.append({"run": ", ".join(names), **point, "dev_accuracy": acc, "chosen": point == record["chosen"],
                         "seeds": record["seeds"], "dev_fraction": record["dev_fraction"]})
     if rows:
         w.table("tuning", pd.DataFrame(rows).set_index("run"), pd.DataFrame(raw),
                 "Tuning: each grid point's mean final accuracy on the dev split (training rows held out from every "
-                "client), run as federations of one pass; the run uses the chosen point on all its rows.")
+                "client), run as federations of one pass; the runs named use the chosen point on all their rows.")
 
 
 # ============================================================================= main
