@@ -714,7 +714,7 @@ def claims(ctx):
                     dead = not learned(max(f["mean"], g["mean"]), 1.0 / num_labels(task))
                     v = paired_verdict(*(_per_seed(seeds, task=task, method=m, privacy=lev)
                                          for m in ("ffa_lora", "fedavg_lora")))
-                    parts[-1] += f" [{v.text()}]"
+                    parts[-1] += " [no verdict, both at chance]" if dead else f" [{v.text()}]"
                     verdicts.append("inconclusive (both at chance)" if dead else v.verdict)
         rule = (f" Verdict from the smallest ε ({priv[-1]}), paired by seed: reproduced if the 95% interval of "
                 f"FFA − FedAvg lies above 0, refuted if it lies below +{100 * MARGIN:.0f} point, underpowered "
