@@ -103,6 +103,7 @@ class FederatedEngine:
         self.feds, self.K, self.b = federations, local_steps, batch_size
         self.fraction, self.opt_cfg, self.dp, self.device = client_fraction, dict(optimizer), dp, device
         self.eval_sets, self.eval_batch_size = eval_sets or {}, eval_batch_size
+        self.train_lengths = train["attention_mask"].sum(1)     # real tokens per row: length groups of each step
         self.num_clients = len(federations[0].partitions)
         self.m = clients_per_round(self.num_clients, client_fraction)
         self.R = len(federations) * self.m
@@ -226,7 +227,7 @@ class FederatedEngine:
                                head_share=self.dp.head_share if per_sample else None)
         # the rows run as a few passes grouped by length, one backward for all (containers that run every
         # slot in each pass, like full fine-tuning's vmap, take one pass)
-        groups = length_groups(self.train["attention_mask"][run_rows].sum(1),
+        groups = length_groups(self.train_lengths[run_rows],
                                MAX_LENGTH_GROUPS if getattr(self.stacked, "runs_packed_rows", False) else 1)
         ce_parts = []
         for group in groups:
