@@ -21,6 +21,7 @@ DEFAULTS = {
     "train_subsample": None,     # rows of the train split (deterministic) for quick runs
     "dev_fraction": 0.0,         # hold out this share of the training rows as split "dev" (tuning), never trained on; the run is then scored on dev only
     "eval_subsample": 1000,
+    "eval_splits": None,         # evaluation splits by metric name (mnli: [matched]); None = all of the task's
     "strip_metadata": False,     # 20 Newsgroups: drop headers/footers/quotes like scikit-learn
     "model": "all-MiniLM-L6-v2",
     "num_hidden_layers": None,   # keep the first k pretrained layers
@@ -58,7 +59,7 @@ RESULT_NEUTRAL = ("device", "replica_chunk", "eval_batch_size", "dp.max_batch_fa
 # module names or one string such as "all-linear".
 TYPES = {
     "task": "str", "data_dir": "str?", "max_length": "int", "padding": "str", "train_subsample": "int?",
-    "eval_subsample": "int?", "dev_fraction": "float", "strip_metadata": "bool", "model": "str", "num_hidden_layers": "int?", "pooling": "str",
+    "eval_subsample": "int?", "eval_splits": "strs?", "dev_fraction": "float", "strip_metadata": "bool", "model": "str", "num_hidden_layers": "int?", "pooling": "str",
     "num_clients": "int", "client_fraction": "float", "rounds": "int", "local_steps": "int",
     "batch_size": "int", "eval_every": "int", "eval_batch_size": "int",
     "lora.rank": "int", "lora.alpha": "float", "lora.targets": "targets",
@@ -68,7 +69,7 @@ TYPES = {
     "dp.max_batch_factor": "float", "dp.head_share": "float?", "seeds": "ints", "replica_chunk": "int?", "device": "str",
 }
 _KIND_TEXT = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a finite number",
-              "ints": "a non-empty list of integers, e.g. [0, 1, 2]", "floats2": "a list of two numbers",
+              "ints": "a non-empty list of integers, e.g. [0, 1, 2]", "strs": "a non-empty list of names", "floats2": "a list of two numbers",
               "targets": "a list of module names, e.g. [query, value], or \"all-linear\""}
 
 
@@ -220,6 +221,10 @@ def _typed(key, value, kind):
         if not isinstance(value, list) or not value:
             raise bad
         return [_typed(f"{key}[{i}]", v, "int") for i, v in enumerate(value)]
+    if kind == "strs":
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise bad
+        return value
     if kind == "floats2":
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise bad
@@ -297,6 +302,9 @@ def _check_values(cfg):
             raise ValueError(msg)
     from fedsim.tasks import get_task
     task = get_task(cfg["task"])                                     # unknown task: error listing the valid ones
+    unknown = sorted(set(cfg["eval_splits"] or ()) - set(task.eval_splits))
+    need(not unknown, f"eval_splits {unknown} are not evaluation splits of {task.name}; valid: "
+                      f"{list(task.eval_splits)} (or null for all)")
     need(cfg["num_clients"] >= 1, f"num_clients must be >= 1 (got {cfg['num_clients']})")
     need(0 < cfg["client_fraction"] <= 1, f"client_fraction must be in (0, 1] (got {cfg['client_fraction']})")
     need(cfg["local_steps"] >= 1, f"local_steps (K) must be >= 1 (got {cfg['local_steps']})")

@@ -103,7 +103,9 @@ class Experiment:
                             subsample=cfg["train_subsample"], strip_metadata=cfg["strip_metadata"])["label"].to_numpy()
         self.train_rows, self.dev_rows = dev_split(len(labels), cfg["dev_fraction"])
         # a run with a dev split (a tuning pass) is scored on it alone: it never sees the reported split
-        self.eval_splits = {"dev": None} if len(self.dev_rows) else dict(self.task.eval_splits)
+        self.eval_splits = {"dev": None} if len(self.dev_rows) else {
+            name: split for name, split in self.task.eval_splits.items()
+            if cfg["eval_splits"] is None or name in cfg["eval_splits"]}
         pcfg = dict(cfg["partition"])
         pname = pcfg.pop("name")
         self.feds = []
@@ -150,7 +152,7 @@ class Experiment:
             evals = {"dev": {k: v[dev] for k, v in train.items()}}
         else:
             evals = {name: load_tokenized(self.task, split, tok, subsample=cfg["eval_subsample"], **kw)
-                     for name, split in self.task.eval_splits.items()}
+                     for name, split in self.eval_splits.items()}
         if self.device.type == "cuda":
             train = {k: v.pin_memory() for k, v in train.items()}
             evals = {s: {k: v.to(self.device) for k, v in d.items()} for s, d in evals.items()}

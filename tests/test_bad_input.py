@@ -78,6 +78,8 @@ CASES = [
     ("sweep-shape-key", ["sweep={lora.rank: [4, 8]}"], "sweepable keys"),
     ("sweep-not-list", ["sweep={optimizer.lr: 0.1}"], "must be a non-empty list"),
     ("sweep-repeats", ["sweep={optimizer.lr: [0.1, 0.1]}"], "repeats a value"),
+    ("eval-split-unknown", ["task=mnli", "eval_splits=[matched, test]"], "['test'] are not evaluation splits of mnli"),
+    ("eval-split-not-list", ["eval_splits=validation"], "eval_splits must be a non-empty list of names"),
     ("sweep-clip-nonprivate", ["dp.epsilon=null", "sweep={dp.max_grad_norm: [0.5, 1.0]}"], "needs a private run"),
     ("sweep-clip-zero", ["sweep={dp.max_grad_norm: [0, 1.0]}"], "dp.max_grad_norm must be > 0"),
     ("head-share-1", ["dp.head_share=1.0"], "dp.head_share must be in (0, 1)"),

@@ -179,3 +179,10 @@ def test_dev_split_is_held_out_from_every_client_and_evaluated(tmp_path):
     run(cfg, tmp_path / "r", progress=False)
     rows = _metrics(tmp_path / "r")
     assert all(0 <= r["acc_dev"] <= 1 and "acc_validation" not in r for r in rows)
+
+
+def test_eval_splits_chooses_what_is_evaluated():
+    """eval_splits keeps the named evaluation splits (MNLI: matched only halves its evaluation); null keeps all."""
+    from fedsim.run import Experiment
+    assert list(Experiment(load_config(overrides=dict(SMOKE, task="mnli"))).eval_splits) == ["matched", "mismatched"]
+    assert list(Experiment(load_config(overrides=dict(SMOKE, task="mnli", eval_splits=["matched"]))).eval_splits) == ["matched"]
