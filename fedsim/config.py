@@ -45,6 +45,7 @@ DEFAULTS = {
     "sweep": {},                 # shape-preserving variants run as more federations, e.g. {"optimizer.lr": [0.01, 0.1]}
     "replica_chunk": None,       # replicas per forward/backward; None = all (GPU) / measured (CPU)
     "device": "auto",
+    "precision": "auto",         # fp32 | bf16 (the frozen backbone's matmuls); auto = bf16 on CUDA, fp32 on CPU
 }
 
 SWEEPABLE = ("optimizer.lr", "lora.alpha", "dp.epsilon", "dp.max_grad_norm")
@@ -67,6 +68,7 @@ TYPES = {
     "optimizer.weight_decay": "float", "optimizer.betas": "floats2", "optimizer.eps": "float",
     "dp.epsilon": "float?", "dp.delta": "float", "dp.max_grad_norm": "float", "dp.accountant": "str",
     "dp.max_batch_factor": "float", "dp.head_share": "float?", "seeds": "ints", "replica_chunk": "int?", "device": "str",
+    "precision": "str",
 }
 _KIND_TEXT = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a finite number",
               "ints": "a non-empty list of integers, e.g. [0, 1, 2]", "strs": "a non-empty list of names", "floats2": "a list of two numbers",
@@ -322,6 +324,8 @@ def _check_values(cfg):
          f"replica_chunk must be >= 1 or null to choose automatically (got {cfg['replica_chunk']})")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg["device"]) is not None,
          f"device must be auto, cpu, cuda, cuda:N or mps (got {cfg['device']!r})")
+    need(cfg["precision"] in ("auto", "fp32", "bf16"),
+         f"precision must be auto, fp32 or bf16 (got {cfg['precision']!r})")
     need(not cfg["strip_metadata"] or task.name == "20news",
          f"strip_metadata applies to 20news only, not {task.name}; drop it or set strip_metadata=false")
     need(min(cfg["seeds"]) >= 0, f"seeds must be >= 0 (got {cfg['seeds']})")

@@ -5,6 +5,7 @@ clip_and_noise is DP-SGD's aggregation step (Opacus convention) batched over the
 Accounting is delegated to Opacus accountants (RDP or PRV), never re-implemented here.
 """
 import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -133,7 +134,8 @@ def _check_schedule(sample_rate, steps):
         raise ValueError(f"number of steps must be a non-negative integer (got {steps})")
 
 
-def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps: int,
+@functools.lru_cache(maxsize=None)   # a family's tuning and final runs ask for the same (eps, delta, q, steps):
+def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps: int,   # ~3 s of RDP each
                          accountant: str = "rdp") -> float:
     """Smallest sigma (Opacus' binary search) such that `steps` Poisson-subsampled steps at rate q are (eps, delta)-DP."""
     from opacus.accountants.utils import get_noise_multiplier

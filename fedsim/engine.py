@@ -98,11 +98,13 @@ def length_groups(lengths, max_groups=MAX_LENGTH_GROUPS):
 
 class FederatedEngine:
     def __init__(self, stacked, method, train, federations, *, local_steps, batch_size, client_fraction,
-                 optimizer, dp=None, replica_chunk=None, device="cpu", eval_sets=None, eval_batch_size=128):
+                 optimizer, dp=None, replica_chunk=None, device="cpu", eval_sets=None, eval_batch_size=128,
+                 precision="auto"):
         self.stacked, self.method, self.train = stacked, method, train
         self.feds, self.K, self.b = federations, local_steps, batch_size
         self.fraction, self.opt_cfg, self.dp, self.device = client_fraction, dict(optimizer), dp, device
         self.eval_sets, self.eval_batch_size = eval_sets or {}, eval_batch_size
+        self.precision = resolve_precision(precision, device)
         self.train_lengths = train["attention_mask"].sum(1)     # real tokens per row: length groups of each step
         self.num_clients = len(federations[0].partitions)
         self.m = clients_per_round(self.num_clients, client_fraction)
@@ -128,6 +130,10 @@ class FederatedEngine:
         # last finite global state (its replicas keep running, so shapes never change, but its updates are
         # discarded); the others train on, unaffected: no computation mixes replicas.
         self.failed = {}
+
+    def _autocast(self):
+        """The backbone's forward in bf16 when asked (adapters and head stay fp32, see stacked._full_precision)."""
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # ------------------------------------------------------------------ one round
     def sampled_clients(self, t):
@@ -233,7 +239,7 @@ class FederatedEngine:
         for group in groups:
             st.select(slots[group.to(self.device)], Rc * b)
             inputs, labels = _index_rows(self.train, run_rows[group], self.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_is_cuda(self.device)):
+            with self._autocast():
                 logits = self.stacked(**_trim(inputs))
             ce_parts.append(F.cross_entropy(logits.to(self.dtype), labels, reduction="none"))  # bf16 -> fp32
         ce = torch.cat(ce_parts)
@@ -320,7 +326,7 @@ class FederatedEngine:
                     idx = by_length[i: i + self.eval_batch_size]
                     rows = idx.repeat(fs.stop - fs.start)         # every federation sees the same rows
                     inputs, labels = _index_rows(data, rows, self.device)
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_is_cuda(self.device)):
+                    with self._autocast():
                         logits = self.stacked(**_trim(inputs))
                     correct[fs] += (logits.argmax(-1) == labels).view(fs.stop - fs.start, -1).sum(1).float().cpu()
             out[split] = (correct / n).tolist()
@@ -329,5 +335,15 @@ class FederatedEngine:
         return out
 
 
-def _is_cuda(device):
-    return torch.device(device).type == "cuda"
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision, device):
+    """fp32 or bf16 (the frozen backbone's matmuls under bf16 autocast). auto: bf16 on CUDA, fp32 elsewhere.
+    bf16 on a CPU pays only where the CPU has native bf16 matmuls (AVX512-BF16 or AMX): about 3x a fp32
+    matmul at the backbone's shapes there, slower than fp32 without them."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} (got {precision!r})")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision

@@ -56,6 +56,15 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def cpu_has_native_bf16():
+    """True where /proc/cpuinfo lists AVX512-BF16 or AMX-BF16 (Linux); None where it cannot tell."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def environment(device):
     import importlib.metadata as md
     try:
@@ -159,7 +168,8 @@ class Experiment:
         engine = FederatedEngine(stacked, self.method, train, self.feds, local_steps=cfg["local_steps"],
                                  batch_size=cfg["batch_size"], client_fraction=cfg["client_fraction"],
                                  optimizer=cfg["optimizer"], dp=self.dp, replica_chunk=cfg["replica_chunk"],
-                                 device=self.device, eval_sets=evals, eval_batch_size=cfg["eval_batch_size"])
+                                 device=self.device, eval_sets=evals, eval_batch_size=cfg["eval_batch_size"],
+                                 precision=cfg["precision"])
         return engine
 
     def tune(self, engine):
@@ -229,6 +239,10 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
         except PoissonOverflowError as e:
             raise _overflow(e, cfg, engine) from e
     env["replica_chunk"] = engine.chunk              # a chunk change alters float rounding: record it
+    env["precision"] = engine.precision              # what precision: auto resolved to on this device
+    if engine.precision == "bf16" and exp.device.type == "cpu" and cpu_has_native_bf16() is False:
+        print("warning: precision=bf16 on a CPU without native bf16 matmuls (no avx512_bf16 or amx_bf16 flag): "
+              "bf16 is emulated there and slower than fp32; set precision=fp32", file=sys.stderr)
     rounds = cfg["rounds"]
     bar = tqdm(range(engine.round_idx, rounds), initial=engine.round_idx, total=rounds, disable=not progress,
                desc=f"{cfg['task']}/{cfg['method']['name']}", unit="round")

@@ -109,11 +109,20 @@ class _StackedState:
         return y if self.slots is None else y.index_select(0, self.slots)
 
 
+def _full_precision(forward):
+    """Autocast off inside an adapter or head op on either device type: under bf16 autocast the frozen
+    backbone's matmuls run in bf16, while adapters, the head and their (per-sample) gradients compute in
+    their parameters' dtype (fp32). Backward needs no decorator: the engine calls it outside autocast."""
+    for device_type in ("cuda", "cpu"):
+        forward = torch.amp.custom_fwd(device_type=device_type, cast_inputs=torch.float32)(forward)
+    return forward
+
+
 class _LoRADelta(torch.autograd.Function):
     """delta = scale * (x A^T) B^T per replica; backward hands dA, dB to the layer's buffer."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # adapters stay fp32 under autocast
+    @_full_precision
     def forward(ctx, x, A, B, scale, layer):
         u = torch.bmm(x, A.transpose(1, 2))                       # [Rc, N, r]
         ctx.save_for_backward(x, u, A, B, scale)
@@ -121,7 +130,6 @@ class _LoRADelta(torch.autograd.Function):
         return torch.bmm(u, B.transpose(1, 2)) * scale[:, None, None]
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g):
         x, u, A, B, scale = ctx.saved_tensors
         layer = ctx.layer
@@ -152,7 +160,7 @@ class _SparseDelta(torch.autograd.Function):
     buffer. The [Rc, N, nnz] gathered intermediate is the price of not materialising [Rc, out, in]."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    @_full_precision
     def forward(ctx, x, v, rows, cols, layer):
         ctx.save_for_backward(x, v, rows, cols)
         ctx.layer = layer
@@ -160,7 +168,6 @@ class _SparseDelta(torch.autograd.Function):
         return out.index_add_(2, rows, x[:, :, cols] * v[:, None, :])
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g):
         x, v, rows, cols = ctx.saved_tensors
         layer = ctx.layer
@@ -218,14 +225,13 @@ class _StackedAffine(torch.autograd.Function):
     """y = x W_r^T + b_r per replica; backward hands dW, db (summed or per sample) to the buffer."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    @_full_precision
     def forward(ctx, x, W, bias, layer):
         ctx.save_for_backward(x, W)
         ctx.layer = layer
         return torch.baddbmm(bias[:, None, :], x, W.transpose(1, 2))
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g):
         x, W = ctx.saved_tensors
         layer = ctx.layer

@@ -12,7 +12,8 @@ def rel_err(a, b):
 
 
 def build_engine(make_model, data, parts_per_fed, *, seeds, optimizer, targets, fraction, K=3, b=4, rank=4,
-                 alpha=8.0, method="fedavg_lora", dp=None, sigmas=None, chunk=None, lrs=None, alphas=None, clips=None):
+                 alpha=8.0, method="fedavg_lora", dp=None, sigmas=None, chunk=None, lrs=None, alphas=None, clips=None,
+                 precision="fp32"):
     """One engine over len(seeds) federations; lrs / alphas / sigmas / clips (DP clip norms) give each
     federation its own value."""
     method = make_method(method if isinstance(method, dict) else {"name": method},   # a name or {name, params}
@@ -25,7 +26,8 @@ def build_engine(make_model, data, parts_per_fed, *, seeds, optimizer, targets, 
     m = max(1, round(fraction * len(parts_per_fed[0])))
     stacked = method.build_stacked(make_model(), len(seeds) * m)
     return FederatedEngine(stacked, method, data, feds, local_steps=K, batch_size=b, client_fraction=fraction,
-                           optimizer=optimizer, dp=dp, replica_chunk=chunk, device=torch.device("cpu"))
+                           optimizer=optimizer, dp=dp, replica_chunk=chunk, device=torch.device("cpu"),
+                           precision=precision)
 
 
 def reference_cfg(optimizer, targets, fraction, seed=0, K=3, b=4, rank=4, alpha=8.0, rounds=2, **kw):

@@ -123,6 +123,7 @@ def test_unknown_backend():
 
 def test_noise_multiplier_matches_opacus_and_spends_target():
     sigma = noise_multiplier_for(3, 1e-5, 0.01, 1000)
+    assert noise_multiplier_for(3, 1e-5, 0.01, 1000) == sigma and noise_multiplier_for.cache_info().hits >= 1
     assert sigma == get_noise_multiplier(target_epsilon=3, target_delta=1e-5, sample_rate=0.01, steps=1000,
                                          accountant="rdp", alphas=list(RDP_ORDERS))
     eps = epsilon_spent(sigma, 0.01, 1000, 1e-5, "rdp")
@@ -151,6 +152,7 @@ def test_rdp_orders_wide_enough_for_few_large_steps(q, steps, sigma):
 
 def test_calibrating_a_few_step_run_warns_nothing():
     import warnings
+    noise_multiplier_for.cache_clear()            # calibrate now, not from an earlier test's call
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sigma = noise_multiplier_for(1.0, 1e-5, 0.1, 9)

@@ -7,7 +7,7 @@ from fedsim.config import load_config
 from fedsim.dp import max_poisson_batch
 from fedsim.engine import DPSetup
 from partitions import dirichlet_label_skew, iid
-from tests.helpers import build_engine
+from tests.helpers import build_engine, rel_err
 
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
 
@@ -198,3 +198,38 @@ def test_length_grouped_step_equals_one_padded_pass(make_model, sst2_small, meth
     single.run_round()
     for n, v in single.global_state.items():
         torch.testing.assert_close(grouped.global_state[n], v, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("method,private", [("fedavg_lora", True), ("fedavg_lora", False), ("fedavg_fft", False)])
+def test_bf16_precision_runs_the_backbone_in_bf16_and_keeps_trained_tensors_fp32(make_model, sst2_small, method,
+                                                                                  private):
+    """precision=bf16 autocasts the frozen backbone's matmuls only: the round's update differs from fp32's
+    (so autocast is really on) by no more than bf16 rounding, and every trained tensor stays fp32. SGD, so
+    the update is the gradients' sum (AdamW's first steps move by lr times the sign of the gradient, which
+    turns rounding of near-zero coordinates into whole steps)."""
+    parts = iid(sst2_small["labels"].numpy(), 2, seed=0)
+    dp = DPSetup(max_grad_norm=1.0, sample_rate=0.1, max_batch=max_poisson_batch(0.1 * max(map(len, parts)))) \
+        if private else None
+    updates = {}
+    for precision in ("fp32", "bf16"):
+        eng = build_engine(make_model, sst2_small, [parts], seeds=[0], optimizer={"name": "sgd", "lr": 0.1},
+                           targets=["query", "value"], fraction=1.0, K=2, method=method, dp=dp,
+                           sigmas=[0.5] if private else None, precision=precision)
+        start = {n: v.clone() for n, v in eng.global_state.items()}
+        eng.run_round()
+        assert all(v.dtype == torch.float32 for v in eng.global_state.values())
+        updates[precision] = {n: eng.global_state[n] - start[n] for n in start}
+    # tensors whose true gradient is zero (attention's key bias: softmax ignores a constant added to every
+    # score) move by rounding noise alone in both precisions; a relative error says nothing about them
+    moved = {n: u for n, u in updates["fp32"].items() if u.norm() > 1e-6 * start[n].norm().clamp(min=1.0)}
+    errs = {n: rel_err(updates["bf16"][n], u) for n, u in moved.items()}
+    assert max(errs.values()) > 0, "bf16 changed nothing: autocast is not reaching the backbone"
+    assert max(errs.values()) < 0.05, sorted(errs.items(), key=lambda kv: -kv[1])[:4]
+
+
+def test_precision_auto_is_bf16_on_cuda_only():
+    from fedsim.engine import resolve_precision
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16", "cpu")
