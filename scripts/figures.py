@@ -411,10 +411,10 @@ def family_heterogeneity(w, runs, ctx):
     if df.empty:
         return
     a = agg(df, ["task", "method", "partition"])
-    parts = sorted(a["partition"].unique(), key=_partition_key)
-    names = [_partition_name(p) for p in parts]
     for task in sorted(a["task"].unique()):
         at = a[a.task == task]
+        parts = sorted(at["partition"].unique(), key=_partition_key)     # each task its own skew levels
+        names = [_partition_name(p) for p in parts]
         chance = 1.0 / num_labels(task)
         disp_rows, raw = [], []
         best = {p: at[at.partition == p].sort_values("mean", ascending=False).iloc[0] for p in parts
