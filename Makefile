@@ -42,6 +42,7 @@ bench: setup
 	$(PY) -m bench.engine_throughput
 	$(PY) -m bench.dp_overhead --accuracy
 	$(PY) -m bench.clip_kernel
+	$(PY) -m pytest bench/ --benchmark-only --benchmark-json=results/bench/pytest_benchmark.json
 
 partitions: setup
 	$(PY) -m scripts.partition_report --task mnli --partition dirichlet --alpha 0.1 --clients 10

@@ -55,6 +55,9 @@ def run_opacus_clients(make_model, train, partitions, initial_global, cfg, grad_
                 for tensors in dp_loader:
                     batch = dict(zip(keys, tensors))
                     labels = batch.pop("labels")
+                    if len(labels):                 # per-batch dynamic padding, as a collator does
+                        T = int(batch["attention_mask"].sum(1).max())
+                        batch = {k: v[:, :T] for k, v in batch.items()}
                     if len(labels) == 0:  # HF BERT cannot run a 0-row batch: Opacus' noise-only step by hand
                         for n in trainable:
                             noise = torch.normal(0.0, opt.noise_multiplier * opt.max_grad_norm,

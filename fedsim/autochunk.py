@@ -3,7 +3,7 @@
 On a GPU all replicas in one pass is fastest until memory runs out. On a 2-core CPU a huge batch falls
 out of cache and runs slower than several smaller ones, so the engine measures a few chunk sizes on
 the real model and keeps the fastest. The result is cached in .cache/replica_chunk.json keyed by the
-device, model shape, batch shape and DP mode.
+device, model shape, batch shape, DP mode, packed tokens and precision.
 
 Candidates are the divisors of the clients per round m, so a chunk never holds replicas of two
 federations, and the key depends on m, not on how many federations share the pass: a federation's
@@ -27,7 +27,8 @@ def _key(engine, seq_len):
     dev = torch.cuda.get_device_name() if engine.device.type == "cuda" else f"cpu{torch.get_num_threads()}"
     # m and the expected batch b, not R or the padded Poisson size (which depend on the other federations)
     return "|".join(map(str, (dev, cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, engine.m, engine.b,
-                              seq_len, sorted(engine.tensors)[:1], len(engine.tensors), engine.dp is not None)))
+                              seq_len, sorted(engine.tensors)[:1], len(engine.tensors), engine.dp is not None,
+                              getattr(engine.stacked, "runs_packed_tokens", False), engine.precision)))
 
 
 def candidates(clients_per_round):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from fedsim.ledger import Ledger
 from fedsim.optim import make_optimizer
+from fedsim.packed import MAX_LENGTH_GROUPS, length_groups, pack
 from fedsim.sampling import clients_per_round, fixed_batches, poisson_batches, sample_clients
 from fedsim.stacked import GradBuffer
 
@@ -59,43 +60,6 @@ def _trim(inputs):
     return {k: v[:, :T] for k, v in inputs.items()}
 
 
-# A step's rows run as at most this many passes, grouped by length (each trimmed to its own longest row).
-# More groups cut fewer padded tokens each while every pass pays a fixed cost (and the stacked layers'
-# small per-replica part runs on every slot once per pass).
-MAX_LENGTH_GROUPS = 4
-
-
-def length_groups(lengths, max_groups=MAX_LENGTH_GROUPS):
-    """Split rows into at most `max_groups` groups of consecutive lengths so that the token slots computed,
-    sum over groups of (rows x the group's longest length), are the fewest (exact dynamic programme over
-    the sorted distinct lengths). Exact for the model: every sample's computation is its own (attention
-    is masked per sequence; the backbone runs in eval mode, no batch statistics).
-
-    lengths: [N] ints. Returns a list of index tensors into the N rows, shortest group first.
-    """
-    lengths = torch.as_tensor(lengths)
-    values, counts = torch.unique(lengths, return_counts=True)        # sorted distinct lengths
-    k, G = len(values), max(1, min(max_groups, len(values)))
-    v, before = values.double().numpy(), np.concatenate([[0], np.cumsum(counts.numpy())])
-    # best[g][j]: fewest slots covering distinct values 0..j with g + 1 groups; cut[g][j]: where the last starts
-    best = np.full((G, k), np.inf)
-    cut = np.zeros((G, k), dtype=np.int64)
-    best[0] = before[1:] * v
-    for g in range(1, G):
-        for j in range(g, k):
-            starts = np.arange(g, j + 1)                            # the last group covers starts..j
-            cost = best[g - 1][starts - 1] + (before[j + 1] - before[starts]) * v[j]
-            i = int(cost.argmin())
-            best[g, j], cut[g, j] = cost[i], starts[i]
-    g = int(best[:, k - 1].argmin())                                # fewer groups when they cost the same
-    bounds, j = [], k - 1
-    while g >= 0:
-        i = int(cut[g, j]) if g > 0 else 0
-        bounds.append((values[i], values[j]))
-        j, g = i - 1, g - 1
-    return [((lengths >= lo) & (lengths <= hi)).nonzero().squeeze(1) for lo, hi in reversed(bounds)]
-
-
 class FederatedEngine:
     def __init__(self, stacked, method, train, federations, *, local_steps, batch_size, client_fraction,
                  optimizer, dp=None, replica_chunk=None, device="cpu", eval_sets=None, eval_batch_size=128,
@@ -134,6 +98,19 @@ class FederatedEngine:
     def _autocast(self):
         """The backbone's forward in bf16 when asked (adapters and head stay fp32, see stacked._full_precision)."""
         return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def _packed_tokens(self):
+        return getattr(self.stacked, "runs_packed_tokens", False)
+
+    def _forward(self, inputs):
+        """Logits of the selected rows: their real tokens packed (fedsim.packed) where the model can, else the
+        padded rows trimmed to the longest."""
+        if self._packed_tokens():
+            batch = pack(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
+            st = self.stacked.state
+            st.select_tokens(batch, len(range(*st.active.indices(self.R))))
+            return self.stacked.forward_packed(batch)
+        return self.stacked(**_trim(inputs))
 
     # ------------------------------------------------------------------ one round
     def sampled_clients(self, t):
@@ -231,16 +208,19 @@ class FederatedEngine:
         specs = [(n, tuple(self.tensors[n].shape[1:])) for n in trainable]
         st.buffer = GradBuffer(specs, Rc, b, per_sample, self.device, self.dtype, head_names=self.head_names,
                                head_share=self.dp.head_share if per_sample else None)
-        # the rows run as a few passes grouped by length, one backward for all (containers that run every
-        # slot in each pass, like full fine-tuning's vmap, take one pass)
-        groups = length_groups(self.train_lengths[run_rows],
-                               MAX_LENGTH_GROUPS if getattr(self.stacked, "runs_packed_rows", False) else 1)
+        # packed tokens: one pass of real tokens. Otherwise the rows run as a few passes grouped by length, one
+        # backward for all (containers that run every slot in each pass, like full fine-tuning's vmap, take one)
+        if self._packed_tokens():
+            groups = [torch.arange(len(run_rows))]
+        else:
+            groups = length_groups(self.train_lengths[run_rows],
+                                   MAX_LENGTH_GROUPS if getattr(self.stacked, "runs_packed_rows", False) else 1)
         ce_parts = []
         for group in groups:
             st.select(slots[group.to(self.device)], Rc * b)
             inputs, labels = _index_rows(self.train, run_rows[group], self.device)
             with self._autocast():
-                logits = self.stacked(**_trim(inputs))
+                logits = self._forward(inputs)
             ce_parts.append(F.cross_entropy(logits.to(self.dtype), labels, reduction="none"))  # bf16 -> fp32
         ce = torch.cat(ce_parts)
         ce = ce.new_zeros(Rc * b).index_copy(0, slots[torch.cat(groups).to(self.device)], ce).view(Rc, b)  # 0: empty slot
@@ -326,10 +306,12 @@ class FederatedEngine:
                     idx = by_length[i: i + self.eval_batch_size]
                     rows = idx.repeat(fs.stop - fs.start)         # every federation sees the same rows
                     inputs, labels = _index_rows(data, rows, self.device)
+                    st.select(None, None)
                     with self._autocast():
-                        logits = self.stacked(**_trim(inputs))
+                        logits = self._forward(inputs)
                     correct[fs] += (logits.argmax(-1) == labels).view(fs.stop - fs.start, -1).sum(1).float().cpu()
             out[split] = (correct / n).tolist()
+        st.select(None, None)
         for layer in self.stacked.lora.values():
             layer.scale.copy_(layer.scale[:F_].repeat_interleave(self.m))
         return out

@@ -144,8 +144,12 @@ def per_sample_grads(model, trainable, batch, with_loss=False):
 
 
 def _rows(train, part, positions):
+    """One batch, cut to its longest real row (per-batch dynamic padding, as a collator does; the math is
+    unchanged: padding is masked)."""
     idx = torch.as_tensor(part[positions], dtype=torch.long)
-    return {k: v[idx] for k, v in train.items()}
+    batch = {k: v[idx] for k, v in train.items()}
+    T = max(1, int(batch["attention_mask"].sum(1).max()))
+    return {k: v[:, :T] if v.dim() == 2 else v for k, v in batch.items()}
 
 
 def _plain_step(model, batch, opt):

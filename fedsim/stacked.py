@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedsim.dp import clip_groups
+from fedsim.packed import packed_logits, supports_packed
 
 
 class GradBuffer:
@@ -76,8 +77,9 @@ class _StackedState:
     never sees a padding slot. `slots` [N] gives each packed row's position among the Rc*b replica-major
     slots; stacked layers `pad` their input to that layout for the per-replica part (zeros in empty
     slots, so those contribute exactly zero gradient) and `unpad` its output back. `select` sets the rows of
-    a pass directly (one length group of the packed rows); backward reads none of this state, so a step may
-    run several passes and call backward once.
+    a pass directly (one length group of the packed rows); backward reads only batch_size then, so a step
+    may run several passes and call backward once. Packed tokens (select_tokens) run a step as one pass
+    whose backward reads the token layout: it must come before the next select.
     """
 
     def __init__(self):
@@ -86,9 +88,15 @@ class _StackedState:
         self.batch_size = None
         self.slots = None
         self.num_slots = None
+        # packed tokens (fedsim.packed): each real token's slot in the replica grid [Rc, L_r] (L_r: the most
+        # tokens any replica has) where the adapters compute, and in the sample grid [Rc*b, T] where
+        # per-sample gradients are summed
+        self.replica_slots = self.sample_slots = None
+        self.tokens_per_replica = self.max_len = None
 
     def pack(self, mask):
         """Run only the rows where mask [Rc, b] is True (None, all or none True: every row)."""
+        self.replica_slots = None
         if mask is None or bool(mask.all()) or not bool(mask.any()):   # an empty pass would have no rows at all
             self.slots = self.num_slots = None
         else:
@@ -97,6 +105,7 @@ class _StackedState:
     def select(self, slots, num_slots):
         """The next pass runs the rows at `slots` [n] of the Rc*b = num_slots replica-major slots."""
         self.slots, self.num_slots = slots, num_slots
+        self.replica_slots = None
 
     def pad(self, x):
         """Packed rows [N, ...] -> replica-major rows [Rc*b, ...], zeros in empty slots."""
@@ -107,6 +116,51 @@ class _StackedState:
     def unpad(self, y):
         """Replica-major rows [Rc*b, ...] -> the packed rows [N, ...]."""
         return y if self.slots is None else y.index_select(0, self.slots)
+
+    def select_tokens(self, batch, num_replicas):
+        """The next pass runs the selected rows as packed tokens (a fedsim.packed.PackedBatch of those rows, in
+        order). Adapters compute in the replica grid [Rc, L_r]: each replica's tokens in a row, padded only to
+        the replica with the most (zeros: exactly zero gradient). Per-sample gradients are summed in the
+        sample grid [Rc*b, T]: token i of row n at (slots[n], i), T the longest row."""
+        device = batch.sequence.device
+        slots = self.slots if self.slots is not None else torch.arange(batch.num_sequences, device=device)
+        if self.num_slots is None:
+            self.num_slots = batch.num_sequences
+        slot = slots[batch.sequence]                                 # [L] each token's sample slot
+        replica = slot // (self.num_slots // num_replicas)
+        counts = torch.bincount(replica, minlength=num_replicas)
+        order = torch.sort(replica, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order), device=device) - (torch.cumsum(counts, 0) - counts)[replica[order]]
+        self.tokens_per_replica = int(counts.max())
+        self.replica_slots = replica * self.tokens_per_replica + rank
+        self.max_len = batch.max_len
+        self.sample_slots = slot * batch.max_len + batch.positions
+
+    def pad_tokens(self, x, num_replicas):
+        """A LoRA layer's input -> [Rc, L, in]: packed tokens [L_all, in] into the replica grid; padded rows
+        [N, T, in] through `pad` into replica-major sample slots (L = b*T)."""
+        if self.replica_slots is None:
+            return self.pad(x).reshape(num_replicas, -1, x.shape[-1])
+        return x.new_zeros(num_replicas * self.tokens_per_replica, x.shape[-1]) \
+            .index_copy(0, self.replica_slots, x).view(num_replicas, self.tokens_per_replica, -1)
+
+    def unpad_tokens(self, y, shape):
+        """Inverse of pad_tokens for an output y [Rc, L, out] (`shape`: the padded path's output shape)."""
+        y = y.reshape(-1, y.shape[-1])
+        if self.replica_slots is None:
+            return self.unpad(y.reshape(-1, *shape[1:]))
+        return y.index_select(0, self.replica_slots)
+
+    def per_sample(self, t):
+        """An adapter tensor [Rc, L, c] (the layout pad_tokens made) -> [Rc, b, T, c], each sample's tokens in
+        its own row (zeros beyond its length): what per-sample gradient contractions sum over."""
+        R, _, c = t.shape
+        if self.replica_slots is None:
+            return t.view(R, self.batch_size, -1, c)
+        tokens = t.reshape(-1, c).index_select(0, self.replica_slots)
+        return t.new_zeros(self.num_slots * self.max_len, c).index_copy(0, self.sample_slots, tokens) \
+            .view(R, self.batch_size, self.max_len, c)
 
 
 def _full_precision(forward):
@@ -138,9 +192,7 @@ class _LoRADelta(torch.autograd.Function):
         state = layer.state
         if state.buffer is not None:
             if state.buffer.per_sample:
-                R, N, _ = x.shape
-                b = state.batch_size
-                split = lambda t: t.view(R, b, N // b, t.shape[-1])  # noqa: E731  [Rc, b, T, .]
+                split = state.per_sample                                # [Rc, L, .] -> [Rc, b, T, .]
                 if layer.B.requires_grad:   # dB_n = scale * sum_t g_t u_t^T
                     state.buffer.put(layer.name + ".lora_B", split(gs).transpose(2, 3) @ split(u))
                 if layer.A.requires_grad:   # dA_n = scale * sum_t (B^T g_t) x_t^T
@@ -176,8 +228,7 @@ class _SparseDelta(torch.autograd.Function):
         if state.buffer is not None and layer.sparse.requires_grad:
             prod = g_rows * x[:, :, cols]
             if state.buffer.per_sample:
-                R, N, _ = x.shape
-                state.buffer.put(layer.name + ".sparse", prod.view(R, state.batch_size, -1, prod.shape[-1]).sum(2))
+                state.buffer.put(layer.name + ".sparse", state.per_sample(prod).sum(2))
             else:
                 state.buffer.put(layer.name + ".sparse", prod.sum(1))
         grad_x = None
@@ -214,11 +265,11 @@ class StackedLoRALinear(nn.Module):
         st = self.state
         A, B, scale = self.A[st.active], self.B[st.active], self.scale[st.active]
         R = A.shape[0]
-        xr = st.pad(x.to(A.dtype)).reshape(R, -1, x.shape[-1])     # replica-major rows -> [Rc, b*T, in]
+        xr = st.pad_tokens(x.to(A.dtype), R)                         # [Rc, L, in], each replica's rows
         delta = _LoRADelta.apply(xr, A, B, scale, self)
         if self.sparse is not None:
             delta = delta + _SparseDelta.apply(xr, self.sparse[st.active], self.sparse_rows, self.sparse_cols, self)
-        return h + st.unpad(delta.reshape(-1, *h.shape[1:])).to(h.dtype)
+        return h + st.unpad_tokens(delta, (-1, *h.shape[1:])).to(h.dtype)
 
 
 class _StackedAffine(torch.autograd.Function):
@@ -301,11 +352,14 @@ def target_module_names(model, targets, head="classifier"):
 
 
 class StackedModel(nn.Module):
-    """A transformers classifier with stacked LoRA layers and a stacked head; base weights frozen, shared."""
+    """A transformers classifier with stacked LoRA layers and a stacked head; base weights frozen, shared.
+
+    packed_tokens: run the backbone on real tokens only (fedsim.packed) when it has a packed forward;
+    False keeps the padded forward (the same numbers up to float summation order; tests compare the two)."""
 
     runs_packed_rows = True     # a pass computes only its selected rows (the engine may split a step by length)
 
-    def __init__(self, model, num_replicas, rank, targets=("query", "value"), head="classifier"):
+    def __init__(self, model, num_replicas, rank, targets=("query", "value"), head="classifier", packed_tokens=True):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1 (got {rank}); set lora.rank to a positive integer")
@@ -325,6 +379,8 @@ class StackedModel(nn.Module):
             self.heads[name] = layer
         if not self.heads:
             raise ValueError(f"no nn.Linear named '{head}' in the model: set the head module name")
+        # a pass computes only the real tokens of its rows where the backbone has a packed forward
+        self.runs_packed_tokens = packed_tokens and supports_packed(model)
 
     def resize_rank(self, rank):
         """New LoRA rank for every layer (zero-filled; the caller loads the values). Scale is kept."""
@@ -350,3 +406,7 @@ class StackedModel(nn.Module):
 
     def forward(self, **batch):
         return self.model(**batch).logits
+
+    def forward_packed(self, batch):
+        """Logits of a fedsim.packed.PackedBatch (the state's select_tokens must describe the same batch)."""
+        return packed_logits(self.model, batch)

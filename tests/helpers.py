@@ -13,9 +13,9 @@ def rel_err(a, b):
 
 def build_engine(make_model, data, parts_per_fed, *, seeds, optimizer, targets, fraction, K=3, b=4, rank=4,
                  alpha=8.0, method="fedavg_lora", dp=None, sigmas=None, chunk=None, lrs=None, alphas=None, clips=None,
-                 precision="fp32"):
+                 precision="fp32", packed_tokens=True):
     """One engine over len(seeds) federations; lrs / alphas / sigmas / clips (DP clip norms) give each
-    federation its own value."""
+    federation its own value. packed_tokens=False: the padded forward even where a packed one exists."""
     method = make_method(method if isinstance(method, dict) else {"name": method},   # a name or {name, params}
                          {"rank": rank, "alpha": alpha, "targets": targets})
     feds = [Federation(seed=s, lr=(lrs or [optimizer["lr"]] * len(seeds))[i],
@@ -25,6 +25,8 @@ def build_engine(make_model, data, parts_per_fed, *, seeds, optimizer, targets, 
             for i, (s, p) in enumerate(zip(seeds, parts_per_fed))]
     m = max(1, round(fraction * len(parts_per_fed[0])))
     stacked = method.build_stacked(make_model(), len(seeds) * m)
+    if not packed_tokens:
+        stacked.runs_packed_tokens = False
     return FederatedEngine(stacked, method, data, feds, local_steps=K, batch_size=b, client_fraction=fraction,
                            optimizer=optimizer, dp=dp, replica_chunk=chunk, device=torch.device("cpu"),
                            precision=precision)

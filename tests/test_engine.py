@@ -107,10 +107,11 @@ def test_evaluate_uses_each_federations_lora_scale(make_model, sst2_small):
     # federation 1 evaluated through replica 1 must use alpha 64 / r: its eval logits must equal a direct
     # forward of its global model on replica 2 (which trains with alpha 64), and differ from one at alpha 1
     seen = []
-    forward = eng.stacked.forward
-    eng.stacked.forward = lambda **batch: seen.append(forward(**batch)) or seen[-1]
+    entry = "forward_packed" if eng.stacked.runs_packed_tokens else "forward"   # packed: vs the padded direct forward
+    forward = getattr(eng.stacked, entry)
+    setattr(eng.stacked, entry, lambda *a, **kw: seen.append(forward(*a, **kw)) or seen[-1])
     eng.evaluate()
-    del eng.stacked.forward
+    delattr(eng.stacked, entry)
     fed1 = seen[0][24:]                                          # rows are federation-major: 24 per federation
     by_length = evalset["attention_mask"].sum(1).argsort(stable=True)   # ... in order of length
     st = eng.stacked.state
@@ -158,7 +159,7 @@ def test_length_groups_cover_every_row_once_with_fewest_slots():
     """Groups partition the rows into consecutive length ranges, and no split into at most G such ranges
     computes fewer token slots (brute force over every set of cut points)."""
     import itertools
-    from fedsim.engine import length_groups
+    from fedsim.packed import length_groups
     gen = torch.Generator().manual_seed(0)
     for trial in range(20):
         lengths = torch.randint(1, 12, (int(torch.randint(1, 40, (1,), generator=gen)),), generator=gen)
@@ -180,13 +181,14 @@ def test_length_groups_cover_every_row_once_with_fewest_slots():
                                             ("ffa_lora", True)])
 def test_length_grouped_step_equals_one_padded_pass(make_model, sst2_small, method, private, monkeypatch):
     """A step run as several passes grouped by length (one backward) gives the same update as one pass over
-    all rows padded to the longest: per-sample gradients, clipping and noise included."""
+    all rows padded to the longest: per-sample gradients, clipping and noise included. (The padded forward's
+    path: a backbone without a packed forward.)"""
     import fedsim.engine as engine
     parts = iid(sst2_small["labels"].numpy(), 2, seed=1)
     dp = DPSetup(max_grad_norm=0.5, sample_rate=0.1, max_batch=max_poisson_batch(0.1 * max(map(len, parts)))) \
         if private else None
     kw = dict(seeds=[2, 3], optimizer=SGD, targets=["query", "value"], fraction=1.0, K=2, b=8, method=method, dp=dp,
-              sigmas=[0.7, 0.7] if private else None)
+              sigmas=[0.7, 0.7] if private else None, packed_tokens=False)
     calls = []
     trim = engine._trim
     monkeypatch.setattr(engine, "_trim", lambda inputs: calls.append(trim(inputs)["input_ids"].shape) or trim(inputs))
@@ -198,6 +200,32 @@ def test_length_grouped_step_equals_one_padded_pass(make_model, sst2_small, meth
     single.run_round()
     for n, v in single.global_state.items():
         torch.testing.assert_close(grouped.global_state[n], v, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("method,private", [("fedavg_lora", False), ("fedavg_lora", True), ("slora", True),
+                                            ("ffa_lora", True), ("sa_fedlora", False)])
+def test_packed_token_step_equals_padded_step(make_model, sst2_small, method, private):
+    """The backbone on packed real tokens (fedsim.packed) gives the same round as the padded, length-grouped
+    forward: ragged lengths, per-sample gradients, clipping and noise included; and the same evaluation."""
+    parts = dirichlet_label_skew(sst2_small["labels"].numpy(), 3, alpha=1.0, seed=5)
+    dp = DPSetup(max_grad_norm=0.5, sample_rate=0.1, max_batch=max_poisson_batch(0.1 * max(map(len, parts)))) \
+        if private else None
+    kw = dict(seeds=[6, 7], optimizer=SGD, targets=["query", "value"], fraction=2 / 3, K=2, b=8, method=method,
+              dp=dp, sigmas=[0.7, 0.7] if private else None, chunk=3)
+    engines = [build_engine(make_model, sst2_small, [parts, parts], packed_tokens=p, **kw) for p in (True, False)]
+    assert engines[0].stacked.runs_packed_tokens and not engines[1].stacked.runs_packed_tokens
+    lengths = sst2_small["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max() // 2                       # really ragged rows
+    evalset = {k: v[:40] for k, v in sst2_small.items()}
+    accs = []
+    for eng in engines:
+        eng.run_round()
+        eng.run_round()
+        eng.eval_sets, eng.eval_batch_size = {"validation": evalset}, 16
+        accs.append(eng.evaluate()["validation"])
+    for n, v in engines[1].global_state.items():
+        torch.testing.assert_close(engines[0].global_state[n], v, rtol=1e-5, atol=1e-6, msg=n)
+    assert accs[0] == accs[1]
 
 
 @pytest.mark.parametrize("method,private", [("fedavg_lora", True), ("fedavg_lora", False), ("fedavg_fft", False)])
