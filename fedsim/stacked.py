@@ -27,9 +27,10 @@ class GradBuffer:
     per-sample gradient goes into its slice of one flat [Rc, b, D] buffer (canonical order), the layout
     the fused clip-and-noise kernel reads, and `sq_norms` [Rc, b] accumulates the squared norms.
 
-    A step may run its rows as several passes (length groups, fedsim.engine.length_groups), each putting
-    every tensor's gradient once: puts add up. A sample's rows lie in exactly one pass and the others put
-    exact zeros for it (its input slots are zero there), so summing squared norms per put is exact.
+    With the padded forward a step may run its rows as several passes (length groups,
+    fedsim.packed.length_groups), each putting every tensor's gradient once: puts add up. A sample's rows
+    lie in exactly one pass and the others put exact zeros for it (its input slots are zero there), so
+    summing squared norms per put is exact.
     """
 
     def __init__(self, specs, num_replicas, batch_size, per_sample, device, dtype=torch.float32,
