@@ -123,6 +123,50 @@ def pack(input_ids, attention_mask, token_type_ids=None, max_groups=ATTENTION_GR
                        groups=groups)
 
 
+@dataclass
+class TokenLayout:
+    """Where a pass's packed tokens sit for the stacked layers. Adapters compute in the replica grid
+    [Rc, tokens_per_replica]: each replica's tokens in a row, padded only to the replica with the most
+    (zeros: exactly zero gradient). Per-sample gradients are summed in the sample grid [Rc*b, T]: token i of
+    row n at (its sample slot, i), T the longest row. replica_slots, sample_slots: [L] each token's index."""
+    replica_slots: torch.Tensor
+    sample_slots: torch.Tensor
+    num_replicas: int
+    tokens_per_replica: int
+    batch_size: int
+    max_len: int
+
+    @classmethod
+    def of(cls, batch, slots, num_slots, num_replicas):
+        """batch: PackedBatch of the pass's rows; slots [N]: each row's slot among the Rc*b = num_slots."""
+        slot = slots[batch.sequence]                                 # [L] each token's sample slot
+        b = num_slots // num_replicas
+        replica = slot // b
+        counts = torch.bincount(replica, minlength=num_replicas)
+        order = torch.sort(replica, stable=True).indices
+        rank = torch.empty_like(order)                               # position among its replica's tokens
+        rank[order] = torch.arange(len(order), device=slot.device) - (torch.cumsum(counts, 0) - counts)[replica[order]]
+        per_replica = int(counts.max())
+        return cls(replica * per_replica + rank, slot * batch.max_len + batch.positions, num_replicas, per_replica,
+                   b, batch.max_len)
+
+    def to_replica_grid(self, x):
+        """[L, c] -> [Rc, tokens_per_replica, c]."""
+        return x.new_zeros(self.num_replicas * self.tokens_per_replica, x.shape[-1]) \
+            .index_copy(0, self.replica_slots, x).view(self.num_replicas, self.tokens_per_replica, -1)
+
+    def from_replica_grid(self, y):
+        """[Rc, tokens_per_replica, c] -> [L, c]."""
+        return y.reshape(-1, y.shape[-1]).index_select(0, self.replica_slots)
+
+    def per_sample(self, t):
+        """[Rc, tokens_per_replica, c] -> [Rc, b, T, c], zeros beyond each sample's length."""
+        c = t.shape[-1]
+        return t.new_zeros(self.num_replicas * self.batch_size * self.max_len, c) \
+            .index_copy(0, self.sample_slots, self.from_replica_grid(t)) \
+            .view(self.num_replicas, self.batch_size, self.max_len, c)
+
+
 def attend(q, k, v, batch, num_heads, bias=None):
     """Per-sequence softmax(q k^T / sqrt(d) + bias) v on packed rows, one SDPA per attention group.
     q, k, v: [L, H] -> [L, H]. bias: additive [1, heads, T, T] for T >= the longest sequence (MPNet's relative

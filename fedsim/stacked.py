@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fedsim.dp import clip_groups
-from fedsim.packed import packed_logits, supports_packed
+from fedsim.packed import TokenLayout, packed_logits, supports_packed
 
 
 class GradBuffer:
@@ -89,15 +89,11 @@ class _StackedState:
         self.batch_size = None
         self.slots = None
         self.num_slots = None
-        # packed tokens (fedsim.packed): each real token's slot in the replica grid [Rc, L_r] (L_r: the most
-        # tokens any replica has) where the adapters compute, and in the sample grid [Rc*b, T] where
-        # per-sample gradients are summed
-        self.replica_slots = self.sample_slots = None
-        self.tokens_per_replica = self.max_len = None
+        self.tokens = None          # packed tokens: a fedsim.packed.TokenLayout (select_tokens)
 
     def pack(self, mask):
         """Run only the rows where mask [Rc, b] is True (None, all or none True: every row)."""
-        self.replica_slots = None
+        self.tokens = None
         if mask is None or bool(mask.all()) or not bool(mask.any()):   # an empty pass would have no rows at all
             self.slots = self.num_slots = None
         else:
@@ -106,7 +102,7 @@ class _StackedState:
     def select(self, slots, num_slots):
         """The next pass runs the rows at `slots` [n] of the Rc*b = num_slots replica-major slots."""
         self.slots, self.num_slots = slots, num_slots
-        self.replica_slots = None
+        self.tokens = None
 
     def pad(self, x):
         """Packed rows [N, ...] -> replica-major rows [Rc*b, ...], zeros in empty slots."""
@@ -120,48 +116,31 @@ class _StackedState:
 
     def select_tokens(self, batch, num_replicas):
         """The next pass runs the selected rows as packed tokens (a fedsim.packed.PackedBatch of those rows, in
-        order). Adapters compute in the replica grid [Rc, L_r]: each replica's tokens in a row, padded only to
-        the replica with the most (zeros: exactly zero gradient). Per-sample gradients are summed in the
-        sample grid [Rc*b, T]: token i of row n at (slots[n], i), T the longest row."""
-        device = batch.sequence.device
-        slots = self.slots if self.slots is not None else torch.arange(batch.num_sequences, device=device)
+        order); its layers place them through a fedsim.packed.TokenLayout."""
+        slots = self.slots if self.slots is not None else torch.arange(batch.num_sequences, device=batch.sequence.device)
         if self.num_slots is None:
             self.num_slots = batch.num_sequences
-        slot = slots[batch.sequence]                                 # [L] each token's sample slot
-        replica = slot // (self.num_slots // num_replicas)
-        counts = torch.bincount(replica, minlength=num_replicas)
-        order = torch.sort(replica, stable=True).indices
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order), device=device) - (torch.cumsum(counts, 0) - counts)[replica[order]]
-        self.tokens_per_replica = int(counts.max())
-        self.replica_slots = replica * self.tokens_per_replica + rank
-        self.max_len = batch.max_len
-        self.sample_slots = slot * batch.max_len + batch.positions
+        self.tokens = TokenLayout.of(batch, slots, self.num_slots, num_replicas)
 
     def pad_tokens(self, x, num_replicas):
-        """A LoRA layer's input -> [Rc, L, in]: packed tokens [L_all, in] into the replica grid; padded rows
-        [N, T, in] through `pad` into replica-major sample slots (L = b*T)."""
-        if self.replica_slots is None:
+        """A LoRA layer's input -> [Rc, L, in]: packed tokens into the replica grid; padded rows [N, T, in]
+        through `pad` into replica-major sample slots (L = b*T)."""
+        if self.tokens is None:
             return self.pad(x).reshape(num_replicas, -1, x.shape[-1])
-        return x.new_zeros(num_replicas * self.tokens_per_replica, x.shape[-1]) \
-            .index_copy(0, self.replica_slots, x).view(num_replicas, self.tokens_per_replica, -1)
+        return self.tokens.to_replica_grid(x)
 
-    def unpad_tokens(self, y, shape):
-        """Inverse of pad_tokens for an output y [Rc, L, out] (`shape`: the padded path's output shape)."""
-        y = y.reshape(-1, y.shape[-1])
-        if self.replica_slots is None:
-            return self.unpad(y.reshape(-1, *shape[1:]))
-        return y.index_select(0, self.replica_slots)
+    def unpad_tokens(self, y, like):
+        """Inverse of pad_tokens for an output y [Rc, L, out]; `like`: the frozen layer's output."""
+        if self.tokens is None:
+            return self.unpad(y.reshape(-1, *like.shape[1:]))
+        return self.tokens.from_replica_grid(y)
 
     def per_sample(self, t):
         """An adapter tensor [Rc, L, c] (the layout pad_tokens made) -> [Rc, b, T, c], each sample's tokens in
         its own row (zeros beyond its length): what per-sample gradient contractions sum over."""
-        R, _, c = t.shape
-        if self.replica_slots is None:
-            return t.view(R, self.batch_size, -1, c)
-        tokens = t.reshape(-1, c).index_select(0, self.replica_slots)
-        return t.new_zeros(self.num_slots * self.max_len, c).index_copy(0, self.sample_slots, tokens) \
-            .view(R, self.batch_size, self.max_len, c)
+        if self.tokens is None:
+            return t.view(t.shape[0], self.batch_size, -1, t.shape[-1])
+        return self.tokens.per_sample(t)
 
 
 def _full_precision(forward):
@@ -270,7 +249,7 @@ class StackedLoRALinear(nn.Module):
         delta = _LoRADelta.apply(xr, A, B, scale, self)
         if self.sparse is not None:
             delta = delta + _SparseDelta.apply(xr, self.sparse[st.active], self.sparse_rows, self.sparse_cols, self)
-        return h + st.unpad_tokens(delta, (-1, *h.shape[1:])).to(h.dtype)
+        return h + st.unpad_tokens(delta, h).to(h.dtype)
 
 
 class _StackedAffine(torch.autograd.Function):
