@@ -9,7 +9,9 @@ initial adapter, timed side by side (best of REPEATS rounds, after a warm-up rou
 - reference: the sequential peft loop, one client after another, each batch cut to its longest row
   (per-batch dynamic padding, as a user's collator does).
 Tasks: real SST-2 (max_length 64) and MNLI (128) training rows, or `synthetic` (every row T tokens, no
-padding: --seq). Both engines use the replica chunk autochunk picks for the packed one. Each row also
+padding: --seq). Full fine-tuning (FedAvg-FFT, --fft-replicas) is timed the same three ways: packed
+tokens through per-replica weights (fedsim.full_stacked's replica modules), the vmap pass over padded
+rows, and the sequential full fine-tuning loop; its rounds also step AdamW over every weight of every replica. Both engines use the replica chunk autochunk picks for the packed one. Each row also
 gives the reference's real-token share: the packed engine's headroom over it is 1 / that share if both
 ran their GEMMs equally fast (on a CPU both already run at the GEMM peak, so that is the ceiling there).
 
@@ -35,7 +37,6 @@ from fedsim.reference import ReferenceConfig, build_model, run_reference
 from fedsim.run import environment
 from fedsim.sampling import fixed_batches
 from fedsim.tasks import load_tokenized
-from fedsim.stacked import StackedModel
 from methods import make_method
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "bench"
@@ -69,10 +70,10 @@ def task_rows(task, n, tokenizer, seq):
     return {k: v for k, v in data.items()}
 
 
-def build(make_model, data, parts, R, K, b, rank, device, packed, chunk):
-    method = make_method({"name": "fedavg_lora"}, {"rank": rank, "alpha": 2 * rank, "targets": ["query", "value"]})
+def build(make_model, data, parts, R, K, b, rank, device, packed, chunk, method="fedavg_lora"):
+    method = make_method({"name": method}, {"rank": rank, "alpha": 2 * rank, "targets": ["query", "value"]})
     feds = [Federation(seed=0, lr=1e-3, lora_alpha=2 * rank, partitions=parts)]
-    stacked = StackedModel(make_model(), R, rank, packed_tokens=packed).to(device)
+    stacked = method.build_stacked(make_model(), R, packed_tokens=packed).to(device)
     eng = FederatedEngine(stacked, method, data, feds, local_steps=K, batch_size=b, client_fraction=1.0,
                           optimizer={"name": "adamw", "lr": 1e-3}, replica_chunk=chunk, device=device)
     if chunk is None:
@@ -100,10 +101,10 @@ def time_engine(eng, device):
     return best
 
 
-def time_reference(make_model, data, parts, init, K, b, rank):
+def time_reference(make_model, data, parts, init, K, b, rank, full_finetune=False):
     """Seconds the reference spends training (its one-off model construction, timed separately, excluded)."""
     cfg = ReferenceConfig(rounds=1, local_steps=K, batch_size=b, lr=1e-3, optimizer="adamw", lora_r=rank,
-                          lora_alpha=2 * rank)
+                          lora_alpha=2 * rank, full_finetune=full_finetune)
     run_reference(make_model, data, parts[:1], init, cfg)      # warm-up
     t0 = time.perf_counter()
     build_model(make_model, cfg)
@@ -160,13 +161,15 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["sst2", "mnli"], choices=["sst2", "mnli", "synthetic"])
-    ap.add_argument("--replicas", type=int, nargs="+", default=[1, 10, 100, 1000] if cuda else [1, 4, 16, 32])
+    ap.add_argument("--replicas", type=int, nargs="*", default=[1, 10, 100, 1000] if cuda else [1, 4, 16, 32])
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--batch", type=int, default=16 if cuda else 8)
     ap.add_argument("--seq", type=int, default=128 if cuda else 64, help="tokens per row of the synthetic task")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--reference-max", type=int, default=100, help="largest R the reference loop is timed at")
+    ap.add_argument("--fft-replicas", type=int, nargs="*", default=[1, 3, 9],
+                    help="client counts of the full fine-tuning rows (none: skip them)")
     ap.add_argument("--out", default=str(OUT / "engine_throughput"))
     args = ap.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
@@ -197,7 +200,7 @@ def main(argv=None):
                 t_ref = ref_per_client * R
             samples = R * args.steps * args.batch
             flops = useful_flops(config, args.layers, lengths, args.rank)
-            row = dict(task=task, replicas=R, chunk=packed.chunk, packed_s=round(t_packed, 3),
+            row = dict(task=task, method="fedavg_lora", replicas=R, chunk=packed.chunk, packed_s=round(t_packed, 3),
                        padded_s=round(t_padded, 3), reference_s=round(t_ref, 3), reference_measured=measured,
                        real_token_fraction_of_max_length=round(tokens / (samples * data["input_ids"].shape[1]), 3),
                        packed_samples_per_s=round(samples / t_packed, 1),
@@ -209,6 +212,10 @@ def main(argv=None):
                        mfu=round(flops / t_packed / peak, 3))
             rows.append(row)
             print(json.dumps(row), flush=True)
+    for task in args.tasks:
+        for R in args.fft_replicas:
+            rows.append(fft_row(task, R, args, tokenizer, device))
+            print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     setup = dict(model="all-MiniLM-L6-v2", layers=args.layers, batch=args.batch, steps=args.steps, rank=args.rank,
@@ -220,11 +227,31 @@ def main(argv=None):
     print(f"wrote {out.with_suffix('.json')} and .png")
 
 
+def fft_row(task, R, args, tokenizer, device):
+    """FedAvg-FFT: packed replica modules vs the vmap pass vs the sequential full fine-tuning loop (all chunks
+    of R: full weights per replica are the memory)."""
+    n = max(args.batch * 4, 32)
+    data = task_rows(task, R * n, tokenizer, args.seq)
+    make_model, _ = model_factory(args.layers, device, num_labels=int(data["labels"].max()) + 1)
+    parts = [np.arange(i * n, (i + 1) * n) for i in range(R)]
+    times = {}
+    for packed in (True, False):
+        eng = build(make_model, data, parts, R, args.steps, args.batch, args.rank, device, packed, R, "fedavg_fft")
+        times[packed], tokens, _ = time_engine(eng, device)
+    init = {k: v[0].cpu() for k, v in eng.global_state.items()}
+    t_ref = time_reference(make_model, data, parts, init, args.steps, args.batch, args.rank, full_finetune=True)
+    return dict(task=task, method="fedavg_fft", replicas=R, chunk=R, packed_s=round(times[True], 3),
+                padded_s=round(times[False], 3), reference_s=round(t_ref, 3), reference_measured=True,
+                packed_real_tokens_per_s=round(tokens / times[True], 1), speedup=round(t_ref / times[True], 3),
+                packed_vs_padded=round(times[False] / times[True], 3))
+
+
 def plot(rows, setup, device, path):
     """One panel per task: samples/s of the packed engine, the padded engine and the reference vs R."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    rows = [r for r in rows if r.get("method", "fedavg_lora") == "fedavg_lora"]      # the LoRA rows
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):

@@ -251,7 +251,9 @@ class FederatedEngine:
             grads = buf.summed
         fed_of = torch.arange(rs.start, rs.stop, device=self.device) // self.m     # replica r = f * m + j
         for name in trainable:
-            extra = self.method.extra_grad(name, self.tensors[name][rs], self.global_state[name][fed_of], t)
+            # the global per replica is built only if asked for: for full fine-tuning it is a copy of every weight
+            extra = self.method.extra_grad(name, self.tensors[name][rs],
+                                           lambda name=name: self.global_state[name][fed_of], t)
             if extra is not None:
                 grads[name] = grads[name] + extra
         opt.step(self.tensors, grads, rs)

@@ -3,9 +3,10 @@
 A padded batch [N, T] of which only sum(lengths) tokens are real is packed into [total_tokens, H] rows
 (ModernBERT / MosaicBERT "unpadding"). Embeddings, the Q/K/V/O and FFN linears (frozen or LoRA-stacked,
 called as the model's own modules), LayerNorms and activations then compute exactly the real tokens;
-only attention needs the sequences apart. On the CPU it runs per sequence as a padded SDPA over
-[N, heads, T_max, d] with a key mask: its FLOPs are a few percent of the linears' at T <= 128, and
-torch has no CPU varlen kernel that is faster (nested-jagged SDPA falls back to the same math).
+only attention needs the sequences apart. It runs per group of similar lengths as a padded attention over
+[n, heads, T_group, d] with a key mask (SDPA; on a CPU in bf16, two matmuls and an fp32 softmax, see
+_attention): its FLOPs are a few percent of the linears' at T <= 128, and torch has no CPU varlen kernel
+that is faster (nested-jagged SDPA falls back to the same math).
 Padded query rows compute finite values that are never gathered back, so they carry no gradient.
 
 The result equals the model's padded forward up to float summation order (tests/test_packed.py, 1e-5):
@@ -181,14 +182,27 @@ def attend(q, k, v, batch, num_heads, bias=None):
                 .view(g.num_sequences, g.max_len, num_heads, d).transpose(1, 2)
         mask = None
         if g.keys is not None:
-            mask = torch.zeros(g.num_sequences, 1, 1, g.max_len, dtype=q.dtype, device=q.device) \
-                .masked_fill(~g.keys[:, None, None, :], torch.finfo(q.dtype).min)
+            mask = torch.zeros(g.num_sequences, 1, 1, g.max_len, device=q.device) \
+                .masked_fill(~g.keys[:, None, None, :], torch.finfo(torch.float32).min)
         if bias is not None:
-            block = bias[..., :g.max_len, :g.max_len].to(q.dtype)
+            block = bias[..., :g.max_len, :g.max_len].float()
             mask = block if mask is None else mask + block
-        o = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), attn_mask=mask)   # [n, heads, T_g, d]
+        o = _attention(grid(q), grid(k), grid(v), mask)                # [n, heads, T_g, d]
         out.append(o.transpose(1, 2).reshape(-1, H).index_select(0, g.grid))
     return torch.cat(out)
+
+
+def _attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d) + mask) v for q, k, v [n, heads, T, d] and an fp32 additive mask (or None).
+    bf16 on a CPU: two matmuls and an fp32 softmax, because torch's CPU SDPA kernel in bf16 ran 2.4-6x slower
+    than that (forward + backward, 12 heads of 32, T 32-128, AVX512-BF16) and slower than in fp32. Otherwise
+    SDPA (fp32 on a CPU: 1.4-1.6x faster than the matmuls; flash / memory-efficient kernels on CUDA)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores + mask
+        return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype))
 
 
 # ----------------------------------------------------------------------------- encoders, by model_type

@@ -42,10 +42,11 @@ class Method:
         raise NotImplementedError
 
     # --- hooks with defaults ----------------------------------------------------------------------
-    def build_stacked(self, model, num_replicas):
-        """The replica container the engine trains (default: stacked LoRA layers + head, frozen backbone)."""
+    def build_stacked(self, model, num_replicas, packed_tokens=True):
+        """The replica container the engine trains (default: stacked LoRA layers + head, frozen backbone).
+        packed_tokens=False: the padded forward even where the backbone has a packed one (tests compare them)."""
         from fedsim.stacked import StackedModel
-        return StackedModel(model, num_replicas, self.lora.rank, self.lora.targets)
+        return StackedModel(model, num_replicas, self.lora.rank, self.lora.targets, packed_tokens=packed_tokens)
 
     def state_dict(self):
         """Server-side method state beyond the global tensors (schedules), for checkpoints."""
@@ -59,7 +60,8 @@ class Method:
         return global_state
 
     def extra_grad(self, name, local, global_bcast, round_idx):
-        """Gradient of a data-independent local loss term (added after clipping/noise), or None."""
+        """Gradient of a data-independent local loss term (added after clipping/noise), or None.
+        local: the replicas' tensor [Rc, *shape]; global_bcast(): their federations' global tensor [Rc, *shape]."""
         return None
 
     def aggregate(self, global_state, client_states, weights, round_idx):

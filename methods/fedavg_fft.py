@@ -14,8 +14,8 @@ class FedAvgFFT(Method):
     name = "fedavg_fft"
     Params = None
 
-    def build_stacked(self, model, num_replicas):
-        return FullStackedModel(model, num_replicas)
+    def build_stacked(self, model, num_replicas, packed_tokens=True):
+        return FullStackedModel(model, num_replicas, packed_tokens=packed_tokens)
 
     def init_global(self, stacked, seeds):
         F = len(seeds)

@@ -143,7 +143,7 @@ class SAFedLoRA(FedAvgLoRA):
     def extra_grad(self, name, local, global_bcast, round_idx):
         if round_idx >= self.params.init_rounds or self.params.mu == 0:
             return None
-        return self.params.mu * (local.detach() - global_bcast)
+        return self.params.mu * (local.detach() - global_bcast())
 
     def state_dict(self):
         # the schedule is a function of the round; the current rank is also implied by the global shapes

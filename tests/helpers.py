@@ -24,9 +24,7 @@ def build_engine(make_model, data, parts_per_fed, *, seeds, optimizer, targets, 
                        max_grad_norm=(clips or [None] * len(seeds))[i])
             for i, (s, p) in enumerate(zip(seeds, parts_per_fed))]
     m = max(1, round(fraction * len(parts_per_fed[0])))
-    stacked = method.build_stacked(make_model(), len(seeds) * m)
-    if not packed_tokens:
-        stacked.runs_packed_tokens = False
+    stacked = method.build_stacked(make_model(), len(seeds) * m, packed_tokens=packed_tokens)
     return FederatedEngine(stacked, method, data, feds, local_steps=K, batch_size=b, client_fraction=fraction,
                            optimizer=optimizer, dp=dp, replica_chunk=chunk, device=torch.device("cpu"),
                            precision=precision)

@@ -202,17 +202,22 @@ def test_length_grouped_step_equals_one_padded_pass(make_model, sst2_small, meth
         torch.testing.assert_close(grouped.global_state[n], v, rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("method,private", [("fedavg_lora", False), ("fedavg_lora", True), ("slora", True),
-                                            ("ffa_lora", True), ("sa_fedlora", False)])
-def test_packed_token_step_equals_padded_step(make_model, sst2_small, method, private):
+@pytest.mark.parametrize("method,private,pooling", [
+    ("fedavg_lora", False, "mean"), ("fedavg_lora", True, "mean"), ("slora", True, "mean"), ("ffa_lora", True, "mean"),
+    ("sa_fedlora", False, "mean"), ("fedavg_lora", False, "cls"),
+    ("fedavg_fft", False, "mean"), ("fedavg_fft", False, "cls"), ("fedavg_fft", True, "mean")])
+def test_packed_token_step_equals_padded_step(make_model, sst2_small, method, private, pooling):
     """The backbone on packed real tokens (fedsim.packed) gives the same round as the padded, length-grouped
-    forward: ragged lengths, per-sample gradients, clipping and noise included; and the same evaluation."""
+    forward: ragged lengths, per-sample gradients, clipping and noise included; and the same evaluation.
+    Full fine-tuning: every weight per replica (replica modules) against the vmap pass; under DP it trains
+    through vmap either way and evaluates packed."""
     parts = dirichlet_label_skew(sst2_small["labels"].numpy(), 3, alpha=1.0, seed=5)
     dp = DPSetup(max_grad_norm=0.5, sample_rate=0.1, max_batch=max_poisson_batch(0.1 * max(map(len, parts)))) \
         if private else None
     kw = dict(seeds=[6, 7], optimizer=SGD, targets=["query", "value"], fraction=2 / 3, K=2, b=8, method=method,
               dp=dp, sigmas=[0.7, 0.7] if private else None, chunk=3)
-    engines = [build_engine(make_model, sst2_small, [parts, parts], packed_tokens=p, **kw) for p in (True, False)]
+    model = lambda: make_model(pooling=pooling)                      # noqa: E731
+    engines = [build_engine(model, sst2_small, [parts, parts], packed_tokens=p, **kw) for p in (True, False)]
     assert engines[0].stacked.runs_packed_tokens and not engines[1].stacked.runs_packed_tokens
     lengths = sst2_small["attention_mask"].sum(1)
     assert lengths.min() < lengths.max() // 2                       # really ragged rows

@@ -96,3 +96,24 @@ def test_models_without_a_packed_forward_are_reported():
     model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2,
                                                                  hidden_dim=64))
     assert not supports_packed(model)
+
+
+def test_bf16_attention_on_cpu_equals_sdpa_within_bf16_rounding():
+    """attend's bf16 CPU branch (two matmuls, fp32 softmax) computes what SDPA does in fp32 on the same bf16
+    inputs, masked keys and gradients included; an error in scale or mask would be O(1)."""
+    from fedsim.packed import _attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 9, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(3, 1, 1, 9).masked_fill(torch.arange(9) >= torch.tensor([9, 5, 2])[:, None, None, None],
+                                               torch.finfo(torch.float32).min)
+    q16, k16, v16 = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    out = _attention(q16, k16, v16, mask)
+    assert out.dtype == torch.bfloat16
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q16, k16, v16))
+    ref = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    weights = torch.randn(ref.shape, generator=g)
+    (out.float() * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for a, b in ((q16, q32), (k16, k32), (v16, v32)):
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=5e-2, atol=5e-2)
