@@ -228,19 +228,19 @@ def main(argv=None):
 
 
 def fft_row(task, R, args, tokenizer, device):
-    """FedAvg-FFT: packed replica modules vs the vmap pass vs the sequential full fine-tuning loop (all chunks
-    of R: full weights per replica are the memory)."""
+    """FedAvg-FFT: packed replica modules vs the vmap pass vs the sequential full fine-tuning loop."""
     n = max(args.batch * 4, 32)
     data = task_rows(task, R * n, tokenizer, args.seq)
     make_model, _ = model_factory(args.layers, device, num_labels=int(data["labels"].max()) + 1)
     parts = [np.arange(i * n, (i + 1) * n) for i in range(R)]
-    times = {}
-    for packed in (True, False):
-        eng = build(make_model, data, parts, R, args.steps, args.batch, args.rank, device, packed, R, "fedavg_fft")
+    times, chunk = {}, None
+    for packed in (True, False):                    # the chunk autochunk picks for the packed pass, for both
+        eng = build(make_model, data, parts, R, args.steps, args.batch, args.rank, device, packed, chunk, "fedavg_fft")
+        chunk = eng.chunk
         times[packed], tokens, _ = time_engine(eng, device)
     init = {k: v[0].cpu() for k, v in eng.global_state.items()}
     t_ref = time_reference(make_model, data, parts, init, args.steps, args.batch, args.rank, full_finetune=True)
-    return dict(task=task, method="fedavg_fft", replicas=R, chunk=R, packed_s=round(times[True], 3),
+    return dict(task=task, method="fedavg_fft", replicas=R, chunk=chunk, packed_s=round(times[True], 3),
                 padded_s=round(times[False], 3), reference_s=round(t_ref, 3), reference_measured=True,
                 packed_real_tokens_per_s=round(tokens / times[True], 1), speedup=round(t_ref / times[True], 3),
                 packed_vs_padded=round(times[False] / times[True], 3))
@@ -253,6 +253,8 @@ def plot(rows, setup, device, path):
     import matplotlib.pyplot as plt
     rows = [r for r in rows if r.get("method", "fedavg_lora") == "fedavg_lora"]      # the LoRA rows
     tasks = list(dict.fromkeys(r["task"] for r in rows))
+    if not tasks:
+        return
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rs = [r for r in rows if r["task"] == task]
