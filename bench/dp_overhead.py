@@ -24,10 +24,9 @@ from bench.engine_throughput import TASK_LENGTHS, model_factory, task_rows
 from bench.opacus_loop import run_opacus_clients
 from fedsim.autochunk import choose_replica_chunk
 from fedsim.dp import max_poisson_batch, noise_multiplier_for
-from fedsim.engine import DPSetup, Federation, FederatedEngine
+from fedsim.engine import DPSetup, Federation, build_engine
 from fedsim.reference import ReferenceConfig, build_model
 from fedsim.run import environment
-from fedsim.stacked import StackedModel
 from methods import make_method
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "bench"
@@ -37,9 +36,8 @@ def engine_for(make_model, data, parts, seeds, K, b, rank, device, dp=None, sigm
     method = make_method({"name": "fedavg_lora"}, {"rank": rank, "alpha": 2 * rank, "targets": ["query", "value"]})
     feds = [Federation(seed=s, lr=lr, lora_alpha=2 * rank, noise_multiplier=sigma, partitions=p)
             for s, p in zip(seeds, parts)]
-    stacked = StackedModel(make_model(), len(seeds) * len(parts[0]), rank).to(device)
-    eng = FederatedEngine(stacked, method, data, feds, local_steps=K, batch_size=b, client_fraction=1.0,
-                          optimizer={"name": "sgd", "lr": lr}, dp=dp, replica_chunk=chunk, device=device)
+    eng = build_engine(method, make_model(), data, feds, local_steps=K, batch_size=b, client_fraction=1.0,
+                       optimizer={"name": "sgd", "lr": lr}, dp=dp, replica_chunk=chunk, device=device)
     if chunk is None and device.type == "cpu":
         choose_replica_chunk(eng, data["input_ids"].shape[1])
     return eng

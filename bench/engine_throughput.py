@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fedsim.autochunk import choose_replica_chunk
-from fedsim.engine import Federation, FederatedEngine
+from fedsim.engine import Federation, build_engine
 from fedsim.models import load_backbone
 from fedsim.reference import ReferenceConfig, build_model, run_reference
 from fedsim.run import environment
@@ -73,9 +73,8 @@ def task_rows(task, n, tokenizer, seq):
 def build(make_model, data, parts, R, K, b, rank, device, packed, chunk, method="fedavg_lora"):
     method = make_method({"name": method}, {"rank": rank, "alpha": 2 * rank, "targets": ["query", "value"]})
     feds = [Federation(seed=0, lr=1e-3, lora_alpha=2 * rank, partitions=parts)]
-    stacked = method.build_stacked(make_model(), R, packed_tokens=packed).to(device)
-    eng = FederatedEngine(stacked, method, data, feds, local_steps=K, batch_size=b, client_fraction=1.0,
-                          optimizer={"name": "adamw", "lr": 1e-3}, replica_chunk=chunk, device=device)
+    eng = build_engine(method, make_model(), data, feds, local_steps=K, batch_size=b, client_fraction=1.0,
+                       optimizer={"name": "adamw", "lr": 1e-3}, replica_chunk=chunk, device=device, packed_tokens=packed)
     if chunk is None:
         choose_replica_chunk(eng, data["input_ids"].shape[1])
     return eng

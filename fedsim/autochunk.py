@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fedsim.files import atomic_write_text
 from fedsim.optim import make_optimizer
 
 CACHE = Path(os.environ.get("FEDSIM_CACHE") or Path(__file__).resolve().parent.parent / ".cache") / "replica_chunk.json"
@@ -26,8 +27,8 @@ def _key(engine, seq_len):
     cfg = engine.stacked.model.config
     dev = torch.cuda.get_device_name() if engine.device.type == "cuda" else f"cpu{torch.get_num_threads()}"
     # m and the expected batch b, not R or the padded Poisson size (which depend on the other federations)
-    return "|".join(map(str, (dev, cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, engine.m, engine.b,
-                              seq_len, sorted(engine.tensors)[:1], len(engine.tensors), engine.dp is not None,
+    return "|".join(map(str, (dev, cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, engine.clients_per_round,
+                              engine.batch_size, seq_len, sorted(engine.tensors)[:1], len(engine.tensors), engine.dp is not None,
                               getattr(engine.stacked, "runs_packed_tokens", False), engine.precision)))
 
 
@@ -57,14 +58,14 @@ def choose_replica_chunk(engine, seq_len, repeats=1, cache=CACHE):
     sampled = engine.sampled_clients(0)
     rows, masks = engine._batches(0, sampled)
     ids = [(i, int(c)) for i, cl in enumerate(sampled) for c in cl]
-    trainable = [n for n in engine.tensors if engine.method.trainable(n, 0)]
+    trainable = [n for n in engine.tensors if engine.method.trained(n, 0)]
     for name, p in engine.tensors.items():
         p.requires_grad_(name in trainable)
     with torch.no_grad():
         for name, g in engine.global_state.items():
-            engine.tensors[name].copy_(g.repeat_interleave(engine.m, 0))
+            engine.tensors[name].copy_(g.repeat_interleave(engine.clients_per_round, 0))
     rates, failed = {}, dict(engine.failed)     # timing steps may blow up a huge-lr federation: not a result
-    for i, c in enumerate(candidates(engine.m)):
+    for i, c in enumerate(candidates(engine.clients_per_round)):
         opt = make_optimizer(engine.opt_cfg, engine.lr)
         rs = slice(0, c)
         if i == 0:                                       # allocator and kernels, once
@@ -82,8 +83,6 @@ def choose_replica_chunk(engine, seq_len, repeats=1, cache=CACHE):
     best = max(rates, key=rates.get)
     table[key] = {"chunk": best, "samples_per_s": {str(k): round(v, 2) for k, v in rates.items()}}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(table, indent=1))
-    os.replace(tmp, cache)
+    atomic_write_text(cache, json.dumps(table, indent=1))
     engine.chunk = best
     return best

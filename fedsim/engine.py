@@ -1,7 +1,7 @@
 """The round loop: every sampled client of every federation trains in one batched pass.
 
-Replicas are (federation, client) pairs, replica r = f * m + j for the j-th sampled client of federation
-f. Per round: broadcast each federation's global state to its replicas, run K local steps for all
+Replicas are (federation, client) pairs, replica r = f * clients_per_round + j for the j-th sampled client
+of federation f. Per round: broadcast each federation's global state to its replicas, run the local steps for all
 replicas at once (in chunks of replicas when memory is short), aggregate per federation, log bytes,
 evaluate every N rounds.
 
@@ -21,7 +21,7 @@ from fedsim.ledger import Ledger
 from fedsim.optim import make_optimizer
 from fedsim.packed import MAX_LENGTH_GROUPS, length_groups, pack
 from fedsim.sampling import clients_per_round, fixed_batches, poisson_batches, sample_clients
-from fedsim.stacked import GradBuffer
+from fedsim.grads import GradBuffer
 
 
 # A federation whose mean training loss exceeds this many times the loss of guessing uniformly (ln of the
@@ -39,6 +39,7 @@ class Federation:
     noise_multiplier: float = 0.0
     partitions: list = field(default_factory=list)     # index arrays, one per client
     max_grad_norm: float | None = None                  # DP clip norm C; None = DPSetup's
+    variant: dict = field(default_factory=dict)         # its sweep values ({} outside a sweep), as reported
 
 
 @dataclass
@@ -60,33 +61,42 @@ def _trim(inputs):
     return {k: v[:, :T] for k, v in inputs.items()}
 
 
+def build_engine(method, model, train, federations, *, client_fraction, device="cpu", packed_tokens=True, **kw):
+    """The one way to put an engine together: the method's replica container (method.build_stacked) for the
+    federations' replicas, R = len(federations) x clients per round, on `device`, then the engine.
+    packed_tokens=False: the padded forward even where a packed one exists (tests compare the two);
+    kw: FederatedEngine's keyword arguments."""
+    replicas = len(federations) * clients_per_round(len(federations[0].partitions), client_fraction)
+    stacked = method.build_stacked(model, replicas, packed_tokens=packed_tokens).to(device)
+    return FederatedEngine(stacked, method, train, federations, client_fraction=client_fraction, device=device, **kw)
+
+
 class FederatedEngine:
     def __init__(self, stacked, method, train, federations, *, local_steps, batch_size, client_fraction,
                  optimizer, dp=None, replica_chunk=None, device="cpu", eval_sets=None, eval_batch_size=128,
                  precision="auto"):
         self.stacked, self.method, self.train = stacked, method, train
-        self.feds, self.K, self.b = federations, local_steps, batch_size
-        self.fraction, self.opt_cfg, self.dp, self.device = client_fraction, dict(optimizer), dp, device
+        self.federations, self.local_steps, self.batch_size = federations, local_steps, batch_size
+        self.fraction, self.opt_cfg, self.dp, self.device = client_fraction, dict(optimizer), dp, torch.device(device)
         self.eval_sets, self.eval_batch_size = eval_sets or {}, eval_batch_size
         self.precision = resolve_precision(precision, device)
         self.train_lengths = train["attention_mask"].sum(1)     # real tokens per row: length groups of each step
         self.num_clients = len(federations[0].partitions)
-        self.m = clients_per_round(self.num_clients, client_fraction)
-        self.R = len(federations) * self.m
-        if stacked.num_replicas != self.R:
-            raise ValueError(f"stacked model has {stacked.num_replicas} replicas, engine needs {self.R}")
-        self.chunk = min(replica_chunk or self.R, self.R)
+        self.clients_per_round = clients_per_round(self.num_clients, client_fraction)
+        self.num_replicas = len(federations) * self.clients_per_round
+        if stacked.num_replicas != self.num_replicas:
+            raise ValueError(f"stacked model has {stacked.num_replicas} replicas, engine needs {self.num_replicas}")
+        self.chunk = min(replica_chunk or self.num_replicas, self.num_replicas)
         self.dtype = stacked.heads[next(iter(stacked.heads))].weight.dtype
-        rep = lambda vals: torch.tensor(vals, dtype=self.dtype, device=device).repeat_interleave(self.m)  # noqa
+        per_client = self.clients_per_round
+        rep = lambda vals: torch.tensor(vals, dtype=self.dtype, device=device).repeat_interleave(per_client)  # noqa
         self.lr = rep([f.lr for f in federations])
         self.sigma = rep([f.noise_multiplier for f in federations])
         if dp is not None:
             self.clip = rep([dp.max_grad_norm if f.max_grad_norm is None else f.max_grad_norm for f in federations])
         for layer in stacked.lora.values():
             layer.scale.copy_(rep([f.lora_alpha / stacked.rank for f in federations]))
-        self.global_state = {k: v.to(device, self.dtype) for k, v in
-                             method.init_global(stacked, [f.seed for f in federations]).items()}
-        self.tensors = stacked.tensors()                        # after init_global: it may add tensors
+        self._apply(method.init_global(self.layout(), [f.seed for f in federations]))   # may add tensors
         self.head_names = [f"{h}.{p}" for h in stacked.heads for p in ("weight", "bias")]   # per-group clipping
         self.ledger = Ledger(len(federations))
         self.round_idx = 0
@@ -108,25 +118,25 @@ class FederatedEngine:
         if self._packed_tokens():
             batch = pack(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
             st = self.stacked.state
-            st.select_tokens(batch, len(range(*st.active.indices(self.R))))
+            st.select_tokens(batch, len(range(*st.active.indices(self.num_replicas))))
             return self.stacked.forward_packed(batch)
         return self.stacked(**_trim(inputs))
 
     # ------------------------------------------------------------------ one round
     def sampled_clients(self, t):
-        return [sample_clients(self.num_clients, self.fraction, f.seed, t) for f in self.feds]
+        return [sample_clients(self.num_clients, self.fraction, f.seed, t) for f in self.federations]
 
     def _batches(self, t, sampled):
         """Dataset rows [R, K, b] and sample mask [R, K, b] for every replica's local steps."""
         rows, masks = [], []
-        for fed, clients in zip(self.feds, sampled):
+        for fed, clients in zip(self.federations, sampled):
             for c in clients:
                 part = fed.partitions[c]
                 if self.dp is None:
-                    pos = fixed_batches(len(part), self.b, self.K, fed.seed, t, c)
+                    pos = fixed_batches(len(part), self.batch_size, self.local_steps, fed.seed, t, c)
                     mask = np.ones_like(pos, dtype=bool)
                 else:
-                    pos, mask = poisson_batches(len(part), self.dp.sample_rate, self.dp.max_batch, self.K,
+                    pos, mask = poisson_batches(len(part), self.dp.sample_rate, self.dp.max_batch, self.local_steps,
                                                 fed.seed, t, c)
                 rows.append(part[pos])
                 masks.append(mask)
@@ -137,34 +147,45 @@ class FederatedEngine:
         `failed`: {federation: reason} for federations that failed in this round."""
         t = self.round_idx
         already_failed = set(self.failed)
-        self.global_state = self.method.on_round_start(t, self.global_state, self.stacked)
+        self._apply(self.method.on_round_start(t, self.global_state, self.layout()))
         last_finite = dict(self.global_state)                  # aggregation makes new tensors; these stay
-        self.tensors = self.stacked.tensors()                   # a schedule may have resized them
         sampled = self.sampled_clients(t)
-        trainable = [n for n in self.tensors if self.method.trainable(n, t)]
+        trainable = [n for n in self.tensors if self.method.trained(n, t)]
         with torch.no_grad():                                    # broadcast global -> replicas
             for name, g in self.global_state.items():
-                self.tensors[name].copy_(g.repeat_interleave(self.m, 0))
+                self.tensors[name].copy_(g.repeat_interleave(self.clients_per_round, 0))
         for name, p in self.tensors.items():
             p.requires_grad_(name in trainable)
         rows, masks = self._batches(t, sampled)
         client_ids = [(i, int(c)) for i, cl in enumerate(sampled) for c in cl]
-        losses = torch.zeros(self.R)
+        losses = torch.zeros(self.num_replicas)
         opt = make_optimizer(self.opt_cfg, self.lr)
-        for r0 in range(0, self.R, self.chunk):
-            rs = slice(r0, min(r0 + self.chunk, self.R))
-            for s in range(self.K):
+        for r0 in range(0, self.num_replicas, self.chunk):
+            rs = slice(r0, min(r0 + self.chunk, self.num_replicas))
+            for s in range(self.local_steps):
                 losses[rs] += self._local_step(t, s, rs, rows[rs, s], masks[rs, s], client_ids[rs], trainable, opt)
         self._aggregate(t, sampled, trainable)
-        per_fed = (losses / self.K).view(len(self.feds), self.m).mean(1)
+        per_fed = (losses / self.local_steps).view(len(self.federations), self.clients_per_round).mean(1)
         self._freeze_failed(t, per_fed, last_finite)
         up, down = self.method.payload_bytes(self.global_state, t)
-        self.ledger.record(t, self.m, up, down)
+        self.ledger.record(t, self.clients_per_round, up, down)
         self.round_idx += 1
         loss = [x if math.isfinite(x) and f not in self.failed else None for f, x in enumerate(per_fed.tolist())]
-        return dict(round=t, loss=loss, up_bytes=up * self.m, down_bytes=down * self.m,
+        clients = self.clients_per_round
+        return dict(round=t, loss=loss, up_bytes=up * clients, down_bytes=down * clients,
                     cum_up_bytes=self.ledger.cumulative("up"), cum_down_bytes=self.ledger.cumulative("down"),
                     failed={f: v["reason"] for f, v in self.failed.items() if f not in already_failed})
+
+    def layout(self):
+        """What the method may read of the container (methods.base.Layout)."""
+        return self.stacked.layout(len(self.federations))
+
+    def _apply(self, change):
+        """Carry out a method's methods.base.Change: the container first (a new rank, scales or sparse deltas
+        reshape its tensors), then the new global state."""
+        self.stacked.apply(change, self.clients_per_round)
+        self.global_state = {k: v.to(self.device, self.dtype) for k, v in change.global_state.items()}
+        self.tensors = self.stacked.tensors()
 
     def _fail(self, federation, t, reason):
         if federation not in self.failed:
@@ -173,7 +194,7 @@ class FederatedEngine:
     def _freeze_failed(self, t, per_fed_loss, last_finite):
         """Mark federations whose loss or new global state is non-finite as failed; put every failed one back
         to its last finite state."""
-        F_ = len(self.feds)
+        F_ = len(self.federations)
         finite = torch.ones(F_, dtype=torch.bool, device=self.device)
         for v in self.global_state.values():
             finite &= torch.isfinite(v.reshape(F_, -1)).all(1)
@@ -240,33 +261,35 @@ class FederatedEngine:
                     self._fail(f, t, f"non-finite per-sample gradient in round {t + 1} (client {c}, local step {s + 1})")
                 buf.flat[broken] = 0.0                             # the federation is frozen; keep its lanes finite
                 buf.sq_norms[broken] = 0.0
-            expected = torch.tensor([self.dp.sample_rate * len(self.feds[i].partitions[c]) for i, c in client_ids],
+            expected = torch.tensor([self.dp.sample_rate * len(self.federations[i].partitions[c]) for i, c in client_ids],
                                     device=self.device, dtype=self.dtype)
-            keys = [(self.feds[i].seed, "noise", t, c, s) for i, c in client_ids]
+            keys = [(self.federations[i].seed, "noise", t, c, s) for i, c in client_ids]
             grouped = buf.groups is not None
             grads = buf.unflatten(clip_and_noise(buf.flat, self.clip[rs], self.sigma[rs], expected, keys,
                                                  sq_norms=buf.group_sq_norms if grouped else buf.sq_norms,
                                                  groups=buf.groups))
         else:
             grads = buf.summed
-        fed_of = torch.arange(rs.start, rs.stop, device=self.device) // self.m     # replica r = f * m + j
+        # replica r = f * clients_per_round + j: the j-th sampled client of federation f
+        fed_of = torch.arange(rs.start, rs.stop, device=self.device) // self.clients_per_round
         for name in trainable:
             # the global per replica is built only if asked for: for full fine-tuning it is a copy of every weight
-            extra = self.method.extra_grad(name, self.tensors[name][rs],
-                                           lambda name=name: self.global_state[name][fed_of], t)
-            if extra is not None:
-                grads[name] = grads[name] + extra
+            regularizer = self.method.local_regularizer_grad(name, self.tensors[name][rs],
+                                                             lambda name=name: self.global_state[name][fed_of], t)
+            if regularizer is not None:
+                grads[name] = grads[name] + regularizer
         opt.step(self.tensors, grads, rs)
         with torch.no_grad():
             per_replica = (ce.detach() * mask).sum(1) / mask.sum(1).clamp(min=1)
         return per_replica.cpu()
 
     def _aggregate(self, t, sampled, trainable):
-        F_, m = len(self.feds), self.m
-        sizes = torch.tensor([[len(f.partitions[c]) for c in cl] for f, cl in zip(self.feds, sampled)],
+        num_federations, per_federation = len(self.federations), self.clients_per_round
+        sizes = torch.tensor([[len(f.partitions[c]) for c in cl] for f, cl in zip(self.federations, sampled)],
                              dtype=self.dtype, device=self.device)
         weights = sizes / sizes.sum(1, keepdim=True)
-        clients = {n: self.tensors[n].detach().view(F_, m, *self.tensors[n].shape[1:]) for n in trainable}
+        clients = {n: self.tensors[n].detach().view(num_federations, per_federation, *self.tensors[n].shape[1:])
+                   for n in trainable if self.method.shared(n, t)}
         self.global_state = self.method.aggregate(self.global_state, clients, weights, t)
 
     # ------------------------------------------------------------------ checkpoints
@@ -286,16 +309,16 @@ class FederatedEngine:
     @torch.no_grad()
     def evaluate(self):
         """Accuracy of each federation's global model on every eval split: {split: [F accuracies]}."""
-        F_ = len(self.feds)
+        F_ = len(self.federations)
         for name, g in self.global_state.items():          # replicas 0..F-1 hold the global models
             self.tensors[name][:F_].copy_(g)
         for layer in self.stacked.lora.values():           # ... with their federation's LoRA scale
-            layer.scale[:F_] = layer.scale[::self.m].clone()
+            layer.scale[:F_] = layer.scale[::self.clients_per_round].clone()
         st = self.stacked.state
         st.buffer = None
         # as many federations per forward as a training chunk holds whole ones (at least one): with chunks
         # inside a federation, each federation is evaluated alone, exactly as in its solo run
-        per_pass = max(1, self.chunk // self.m)
+        per_pass = max(1, self.chunk // self.clients_per_round)
         out = {}
         for split, data in self.eval_sets.items():
             correct = torch.zeros(F_)
@@ -315,7 +338,7 @@ class FederatedEngine:
             out[split] = (correct / n).tolist()
         st.select(None, None)
         for layer in self.stacked.lora.values():
-            layer.scale.copy_(layer.scale[:F_].repeat_interleave(self.m))
+            layer.scale.copy_(layer.scale[:F_].repeat_interleave(self.clients_per_round))
         return out
 
 

@@ -199,6 +199,19 @@ class FullStackedModel(nn.Module):
         """Canonical name -> stacked tensor, in the HF model's named_parameters() order."""
         return dict(zip(self.names, self.stack))
 
+    def layout(self, num_federations):
+        """What a method may read (methods.base.Layout): no adapters; every weight's replica-0 value."""
+        from methods.base import Layout
+        return Layout(adapters={}, heads={h: (tuple(v.weight.shape[1:]), tuple(v.bias.shape[1:]))
+                                          for h, v in self.heads.items()},
+                      tensors={n: t[0] for n, t in self.tensors().items()}, rank=None, scales=None,
+                      initializer_range=getattr(self.model.config, "initializer_range", 0.02))
+
+    def apply(self, change, clients_per_round):
+        """A methods.base.Change on whole weights: nothing beyond the global state to carry out."""
+        if change.rank is not None or change.scales is not None or change.sparse:
+            raise ValueError("full fine-tuning has no LoRA rank, scales or sparse deltas to change")
+
     def forward_packed(self, batch):
         """Logits of a fedsim.packed.PackedBatch (the state's select_tokens must describe the same batch)."""
         st, rows = self.state, self.rows

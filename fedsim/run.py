@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from fedsim.config import config_diff, config_hash, federations, load_config, parse_set
 from fedsim.autochunk import choose_replica_chunk
-from fedsim.engine import DPSetup, Federation, FederatedEngine
+from fedsim.engine import DPSetup, Federation, build_engine
+from fedsim.files import atomic_write
 from fedsim.sampling import PoissonOverflowError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,24 +118,24 @@ class Experiment:
             if cfg["eval_splits"] is None or name in cfg["eval_splits"]}
         pcfg = dict(cfg["partition"])
         pname = pcfg.pop("name")
-        self.feds = []
+        self.federations = []
         for seed, variant in federations(cfg):      # clients split the training rows (dev rows excluded)
             parts = [self.train_rows[p] for p in
                      make_partition(pname, labels[self.train_rows], cfg["num_clients"], seed, **pcfg)]
-            self.feds.append(Federation(seed=seed, lr=variant.get("optimizer.lr", cfg["optimizer"]["lr"]),
+            self.federations.append(Federation(seed=seed, lr=variant.get("optimizer.lr", cfg["optimizer"]["lr"]),
                                         lora_alpha=variant.get("lora.alpha", cfg["lora"]["alpha"]),
-                                        max_grad_norm=variant.get("dp.max_grad_norm"), partitions=parts))
-            self.feds[-1].variant = variant
-        self.dp, self.epsilons = None, [None] * len(self.feds)
+                                        max_grad_norm=variant.get("dp.max_grad_norm"), partitions=parts,
+                                        variant=variant))
+        self.dp, self.epsilons = None, [None] * len(self.federations)
         dp = cfg["dp"]
         eps_list = [v.get("dp.epsilon", dp["epsilon"]) for _, v in federations(cfg)]
         if any(e is not None for e in eps_list):
             # q = expected batch / mean client size. Partitions cover every row, so the mean client size is
             # rows / clients for every seed: q never depends on which federations share the pass.
             q = min(1.0, cfg["batch_size"] * cfg["num_clients"] / len(self.train_rows))
-            sizes = [len(p) for f in self.feds for p in f.partitions]     # max_batch: padding only, exact
+            sizes = [len(p) for f in self.federations for p in f.partitions]     # max_batch: padding only, exact
             self.steps_per_client = cfg["rounds"] * cfg["local_steps"]   # upper bound: every round sampled
-            for f, eps in zip(self.feds, eps_list):
+            for f, eps in zip(self.federations, eps_list):
                 f.noise_multiplier = noise_multiplier_for(eps, dp["delta"], q, self.steps_per_client, dp["accountant"])
             self.epsilons = eps_list
             self.dp = DPSetup(max_grad_norm=dp["max_grad_norm"], sample_rate=q, head_share=dp["head_share"],
@@ -150,9 +151,6 @@ class Experiment:
                                    num_hidden_layers=cfg["num_hidden_layers"], seed=0, pooling=self.pooling)
         # seed=0, not a federation's: this shared model's own head is never used, every federation's head
         # is drawn from its own seed by the method's init_global
-        m = max(1, min(cfg["num_clients"], round(cfg["client_fraction"] * cfg["num_clients"])))
-        R = len(self.feds) * m
-        stacked = self.method.build_stacked(model, R).to(self.device)    # the method picks its container
         kw = dict(max_length=cfg["max_length"], padding=cfg["padding"], data_dir=cfg["data_dir"],
                   strip_metadata=cfg["strip_metadata"])
         train = load_tokenized(self.task, self.task.train_split, tok, subsample=cfg["train_subsample"], **kw)
@@ -165,12 +163,11 @@ class Experiment:
         if self.device.type == "cuda":
             train = {k: v.pin_memory() for k, v in train.items()}
             evals = {s: {k: v.to(self.device) for k, v in d.items()} for s, d in evals.items()}
-        engine = FederatedEngine(stacked, self.method, train, self.feds, local_steps=cfg["local_steps"],
-                                 batch_size=cfg["batch_size"], client_fraction=cfg["client_fraction"],
-                                 optimizer=cfg["optimizer"], dp=self.dp, replica_chunk=cfg["replica_chunk"],
-                                 device=self.device, eval_sets=evals, eval_batch_size=cfg["eval_batch_size"],
-                                 precision=cfg["precision"])
-        return engine
+        return build_engine(self.method, model, train, self.federations, local_steps=cfg["local_steps"],
+                            batch_size=cfg["batch_size"], client_fraction=cfg["client_fraction"],
+                            optimizer=cfg["optimizer"], dp=self.dp, replica_chunk=cfg["replica_chunk"],
+                            device=self.device, eval_sets=evals, eval_batch_size=cfg["eval_batch_size"],
+                            precision=cfg["precision"])
 
     def tune(self, engine):
         """Replicas per forward/backward unless the config fixes it: all of them on a GPU; on a CPU a
@@ -178,7 +175,7 @@ class Experiment:
         exactly what it computes alone (fedsim/autochunk.py)."""
         if self.cfg["replica_chunk"] is not None or self.device.type != "cpu":
             return
-        if engine.m == 1:
+        if engine.clients_per_round == 1:
             engine.chunk = 1
         else:
             choose_replica_chunk(engine, engine.train["input_ids"].shape[1])
@@ -219,7 +216,7 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
         for f in (summary_path, out / "final_global.pt", ckpt):
             f.unlink(missing_ok=True)
     if not (out / "config.yaml").exists():
-        _atomic(out / "config.yaml", lambda p: p.write_text(
+        atomic_write(out / "config.yaml", lambda p: p.write_text(
             f"# fedsim resolved config; config_hash {config_hash(cfg)} (see fedsim/config.py)\n"
             + yaml.safe_dump(cfg, sort_keys=False)))
     records, wall, code = [], 0.0, []
@@ -247,7 +244,7 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
     bar = tqdm(range(engine.round_idx, rounds), initial=engine.round_idx, total=rounds, disable=not progress,
                desc=f"{cfg['task']}/{cfg['method']['name']}", unit="round")
     for t in bar:
-        if len(engine.failed) == len(exp.feds):
+        if len(engine.failed) == len(exp.federations):
             break                                 # every federation failed: nothing left to train
         t0 = time.perf_counter()
         try:
@@ -257,7 +254,7 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
         evaluated = (t + 1) % cfg["eval_every"] == 0 or t + 1 == rounds
         acc = engine.evaluate() if evaluated else {}
         wall += time.perf_counter() - t0
-        for i, f in enumerate(exp.feds):
+        for i, f in enumerate(exp.federations):
             if i in engine.failed and i not in info["failed"]:
                 continue                          # failed in an earlier round: no more records
             rec = dict(round=t + 1, federation=i, seed=f.seed, variant=f.variant, loss=info["loss"][i],
@@ -269,23 +266,23 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
             else:
                 rec.update({f"acc_{k}": v[i] for k, v in acc.items()})
             records.append(rec)
-        healthy = [i for i in range(len(exp.feds)) if i not in engine.failed]
+        healthy = [i for i in range(len(exp.federations)) if i not in engine.failed]
         bar.set_postfix(loss=f"{np.mean([info['loss'][i] for i in healthy]):.3f}" if healthy else "-",
                         **{k: f"{np.mean([v[i] for i in healthy]):.3f}" for k, v in acc.items() if healthy})
-        _atomic(metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in records)))
-        _atomic(ckpt, lambda p: torch.save({"engine": engine.state_dict(), "records": records, "wall": wall,
+        atomic_write(metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in records)))
+        atomic_write(ckpt, lambda p: torch.save({"engine": engine.state_dict(), "records": records, "wall": wall,
                                             "config": cfg, "config_hash": config_hash(cfg), "code": code,
                                             "replica_chunk": engine.chunk}, p))
     summary = summarize(exp, engine, records, wall)
     if engine.stacked.lora:                      # LoRA methods: final global adapters (small), for export
-        _atomic(out / "final_global.pt", lambda p: torch.save(
+        atomic_write(out / "final_global.pt", lambda p: torch.save(
             {"global": {k: v.cpu() for k, v in engine.global_state.items()},
-             "lora_scale": {n: l.scale.view(len(exp.feds), -1)[:, 0].cpu() for n, l in engine.stacked.lora.items()}},
+             "lora_scale": {n: l.scale.view(len(exp.federations), -1)[:, 0].cpu() for n, l in engine.stacked.lora.items()}},
             p))
     if len(code) > 1:                            # resumed under other code: every version that computed rounds
         env["code_by_round"] = code
-    _atomic(out / "env.json", lambda p: p.write_text(json.dumps(env, indent=2)))
-    _atomic(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2)))
+    atomic_write(out / "env.json", lambda p: p.write_text(json.dumps(env, indent=2)))
+    atomic_write(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2)))
     ckpt.unlink(missing_ok=True)
     return summary
 
@@ -325,19 +322,12 @@ def _read(path, parse, what, binary=False):
                        f"damaged; {fix}") from e
 
 
-def _atomic(path, write):
-    """Write to a temp file then rename: a run killed mid-write leaves the previous file intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def summarize(exp, engine, records, wall):
     """summary.json: status, then per federation its final accuracies (null if it failed), loss, bytes, epsilon."""
     from fedsim.dp import epsilon_spent
     cfg = exp.cfg
     feds = []
-    for i, f in enumerate(exp.feds):
+    for i, f in enumerate(exp.federations):
         mine = [r for r in records if r["federation"] == i]
         evals = [r for r in mine if any(k.startswith("acc_") for k in r)]
         last = evals[-1] if evals else {}

@@ -17,15 +17,16 @@ class PoissonOverflowError(RuntimeError):
 
 
 def sample_clients(num_clients: int, fraction: float, seed: int, round_idx: int) -> np.ndarray:
-    """Sorted ids of the clients taking part in a round: max(1, round(fraction * n)) of them."""
-    m = max(1, int(round(fraction * num_clients)))
-    if m >= num_clients:
+    """Sorted ids of the clients taking part in a round: clients_per_round(n, fraction) of them."""
+    m = clients_per_round(num_clients, fraction)
+    if m == num_clients:
         return np.arange(num_clients)
     rng = numpy_rng(seed, "clients", round_idx)
     return np.sort(rng.choice(num_clients, size=m, replace=False))
 
 
 def clients_per_round(num_clients: int, fraction: float) -> int:
+    """round(fraction * n) clients take part in each round, at least one and at most all n."""
     return min(num_clients, max(1, int(round(fraction * num_clients))))
 
 

@@ -9,64 +9,14 @@ values [R, nnz] at positions (rows, cols) shared by all replicas, applied by gat
 
 Gradients of the trainable tensors never go through autograd's parameter accumulation: each layer's
 backward computes them itself -- summed per replica, or per sample when DP needs them -- as one
-einsum-like batched matmul (Opacus grad-sampler style) and hands them to a GradBuffer.
+einsum-like batched matmul (Opacus grad-sampler style) and hands them to a GradBuffer (fedsim/grads.py).
 """
 import re
 
 import torch
 from torch import nn
 
-from fedsim.dp import clip_groups
 from fedsim.packed import TokenLayout, packed_logits, supports_packed
-
-
-class GradBuffer:
-    """Receives gradients during backward, keyed by canonical tensor name.
-
-    per_sample=False: `summed[name]` is [Rc, *shape]. per_sample=True: every trainable tensor's
-    per-sample gradient goes into its slice of one flat [Rc, b, D] buffer (canonical order), the layout
-    the fused clip-and-noise kernel reads, and `sq_norms` [Rc, b] accumulates the squared norms.
-
-    With the padded forward a step may run its rows as several passes (length groups,
-    fedsim.packed.length_groups), each putting every tensor's gradient once: puts add up. A sample's rows
-    lie in exactly one pass and the others put exact zeros for it (its input slots are zero there), so
-    summing squared norms per put is exact.
-    """
-
-    def __init__(self, specs, num_replicas, batch_size, per_sample, device, dtype=torch.float32,
-                 head_names=(), head_share=None):
-        self.per_sample, self.specs = per_sample, dict(specs)
-        self.summed = {}
-        self.groups = None
-        if per_sample:
-            self.offsets, off = {}, 0
-            for name, shape in specs:
-                n = int(torch.Size(shape).numel())
-                self.offsets[name] = (off, off + n)
-                off += n
-            self.flat = torch.zeros(num_replicas, batch_size, off, device=device, dtype=dtype)
-            self.sq_norms = torch.zeros(num_replicas, batch_size, device=device, dtype=dtype)
-            # per-group clipping (fedsim.dp.clip_groups): squared norms per group too, [Rc, b, G]
-            self.groups = clip_groups(self.offsets, set(head_names), head_share)
-            if self.groups is not None:
-                self.group_sq_norms = torch.zeros(num_replicas, batch_size, len(self.groups), device=device, dtype=dtype)
-
-    def put(self, name, grad):
-        if not self.per_sample:
-            self.summed[name] = grad if name not in self.summed else self.summed[name] + grad
-            return
-        lo, hi = self.offsets[name]
-        self.flat[:, :, lo:hi] += grad.flatten(2)
-        sq = grad.flatten(2).pow(2).sum(-1)
-        self.sq_norms += sq
-        if self.groups is not None:
-            g = next(i for i, ((glo, ghi), _) in enumerate(self.groups) if glo <= lo < ghi)
-            self.group_sq_norms[:, :, g] += sq
-
-    def unflatten(self, flat_sum):
-        """[Rc, D] (e.g. clipped + noised sums) -> {name: [Rc, *shape]}."""
-        return {name: flat_sum[:, lo:hi].unflatten(-1, self.specs[name])
-                for name, (lo, hi) in self.offsets.items()}
 
 
 class _StackedState:
@@ -383,6 +333,31 @@ class StackedModel(nn.Module):
         for name, layer in self.heads.items():
             out[name + ".weight"], out[name + ".bias"] = layer.weight, layer.bias
         return out
+
+    def layout(self, num_federations):
+        """What a method may read (methods.base.Layout): shapes, the rank, each federation's LoRA scale (replica
+        f * clients_per_round starts federation f's block)."""
+        from methods.base import Layout
+        scale = next(iter(self.lora.values())).scale if self.lora else None
+        return Layout(adapters={n: tuple(layer.base.weight.shape) for n, layer in self.lora.items()},
+                      heads={n: (tuple(h.weight.shape[1:]), tuple(h.bias.shape[1:])) for n, h in self.heads.items()},
+                      tensors={n: t[0] for n, t in self.tensors().items()}, rank=self.rank,
+                      scales=None if scale is None else scale.view(num_federations, -1)[:, 0].clone(),
+                      initializer_range=getattr(self.model.config, "initializer_range", 0.02))
+
+    def apply(self, change, clients_per_round):
+        """Carry out a method's methods.base.Change on the container: rank, scales, sparse deltas."""
+        if change.rank is not None and change.rank != self.rank:
+            self.resize_rank(change.rank)
+        if change.scales is not None:
+            for layer in self.lora.values():
+                layer.scale.copy_(change.scales.to(layer.scale).repeat_interleave(clients_per_round))
+        if change.sparse is not None:
+            for name, layer in self.lora.items():
+                if name not in change.sparse:
+                    layer.clear_sparse()
+                elif layer.sparse is None:
+                    layer.set_sparse(*change.sparse[name])
 
     def forward(self, **batch):
         return self.model(**batch).logits

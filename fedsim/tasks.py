@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
+from fedsim.files import atomic_write
 from fedsim.rng import numpy_rng
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -322,7 +323,5 @@ def load_tokenized(task, split, tokenizer, max_length=128, padding="max_length",
     out["labels"] = torch.tensor(ds["label"], dtype=torch.long)
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(out, tmp)
-    os.replace(tmp, path)  # atomic: concurrent runs never see a half-written cache
+    atomic_write(path, lambda tmp: torch.save(out, tmp))   # concurrent runs never see a half-written cache
     return out

@@ -3,6 +3,11 @@
 The engine calls these hooks and never branches on a method's name. Global state is a dict
 canonical-name -> tensor [F, *shape] (one row per federation); client states handed to `aggregate`
 are [F, m, *shape] (m sampled clients per federation) with weights [F, m] summing to 1 per row.
+
+A method never touches the replica container: it reads a `Layout` (shapes, rank, each federation's LoRA
+scale) and its hooks return a `Change` (new global state, and a new rank, scales or sparse masks) that the
+engine applies. Per tensor and round it says what clients train (`trained`: those get gradients, clipping
+and noise) and what they send to the server to aggregate (`shared`: the upload, and the download).
 """
 import math
 import typing
@@ -16,6 +21,33 @@ class LoRAParams:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple = ("query", "value")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a method may know of the replica container. adapters: LoRA target -> (out, in) of its frozen
+    weight; heads: head module -> (weight shape, bias shape); tensors: canonical name -> replica 0's value
+    (a view: read, never write), in canonical order, e.g. the pretrained weights full fine-tuning starts
+    from; rank: the current LoRA rank (None without adapters); scales [F]: each federation's LoRA scale at
+    that rank (None without adapters); initializer_range: the backbone's init std."""
+    adapters: dict
+    heads: dict
+    tensors: dict
+    rank: int | None
+    scales: torch.Tensor | None
+    initializer_range: float
+
+
+@dataclass
+class Change:
+    """What a hook asks the engine to do. global_state: the new global tensors {name: [F, *shape]}; rank: resize
+    every adapter to this rank (values come from global_state); scales [F]: each federation's new LoRA scale;
+    sparse: {target: (rows, cols)} attaches a zero sparse delta at those positions of each listed target's
+    frozen weight (kept if already there), {} drops every sparse delta. None leaves a thing as it is."""
+    global_state: dict
+    rank: int | None = None
+    scales: torch.Tensor | None = None
+    sparse: dict | None = None
 
 
 class Method:
@@ -32,14 +64,19 @@ class Method:
         self.lora = lora
         self.params = self.Params(**params) if self.Params else None
 
-    # --- initialisation and trainable set ---------------------------------------------------------
-    def init_global(self, stacked, seeds):
-        """Initial global state {name: [F, *shape]} for federations with the given seeds."""
+    # --- initialisation and what each tensor is ---------------------------------------------------
+    def init_global(self, layout, seeds):
+        """Change holding the initial global state {name: [F, *shape]} of federations with these seeds."""
         raise NotImplementedError
 
-    def trainable(self, name, round_idx):
-        """Is this tensor trained (and so clipped, noised, uploaded) by clients in this round?"""
+    def trained(self, name, round_idx):
+        """Do clients train this tensor in this round (gradients, clipping and noise under DP)?"""
         raise NotImplementedError
+
+    def shared(self, name, round_idx):
+        """Is this tensor sent to the server and aggregated this round (upload and download)? Default: what is
+        trained. Tensors nobody trains are re-derived from the seed by every client, never sent."""
+        return self.trained(name, round_idx)
 
     # --- hooks with defaults ----------------------------------------------------------------------
     def build_stacked(self, model, num_replicas, packed_tokens=True):
@@ -55,11 +92,11 @@ class Method:
     def load_state_dict(self, d):
         pass
 
-    def on_round_start(self, round_idx, global_state, stacked):
-        """Schedules (stage switches, rank budgets): may return a new global state."""
-        return global_state
+    def on_round_start(self, round_idx, global_state, layout):
+        """Schedules (stage switches, rank budgets): a Change (default: nothing changes)."""
+        return Change(global_state)
 
-    def extra_grad(self, name, local, global_bcast, round_idx):
+    def local_regularizer_grad(self, name, local, global_bcast, round_idx):
         """Gradient of a data-independent local loss term (added after clipping/noise), or None.
         local: the replicas' tensor [Rc, *shape]; global_bcast(): their federations' global tensor [Rc, *shape]."""
         return None
@@ -72,10 +109,9 @@ class Method:
         return new
 
     def payload_bytes(self, global_state, round_idx):
-        """(upload, download) bytes per participating client this round: the exact tensors sent."""
-        up = sum(t[0].numel() * t.element_size() for n, t in global_state.items() if self.trainable(n, round_idx))
-        down = sum(t[0].numel() * t.element_size() for t in global_state.values())
-        return up, down
+        """(upload, download) bytes per participating client this round: the shared tensors, each way."""
+        up = sum(t[0].numel() * t.element_size() for n, t in global_state.items() if self.shared(n, round_idx))
+        return up, up
 
 
 def _check_types(method, params_cls, given):
@@ -98,13 +134,12 @@ def kaiming_uniform_A(shape, generator):
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
-def init_head(stacked, seeds, std):
-    """Fresh head per federation: weight ~ N(0, std) (transformers' BERT init), bias 0."""
+def init_head(layout, seeds):
+    """Fresh head per federation: weight ~ N(0, initializer_range) (transformers' BERT init), bias 0."""
     from fedsim.rng import torch_generator
     out = {}
-    for name, layer in stacked.heads.items():
-        shape = layer.weight.shape[1:]
-        out[name + ".weight"] = torch.stack(
-            [torch.randn(shape, generator=torch_generator(s, "head", name)) * std for s in seeds])
-        out[name + ".bias"] = torch.zeros(len(seeds), layer.bias.shape[1])
+    for name, (weight, bias) in layout.heads.items():
+        out[name + ".weight"] = torch.stack([torch.randn(weight, generator=torch_generator(s, "head", name))
+                                             * layout.initializer_range for s in seeds])
+        out[name + ".bias"] = torch.zeros(len(seeds), *bias)
     return out

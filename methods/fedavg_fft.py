@@ -7,7 +7,7 @@ Runs through the same engine on a FullStackedModel (every parameter stacked per 
 config (rank, alpha, targets) is ignored. Payload: every parameter, both ways.
 """
 from fedsim.full_stacked import FullStackedModel
-from methods.base import Method, init_head
+from methods.base import Change, Method, init_head
 
 
 class FedAvgFFT(Method):
@@ -17,11 +17,11 @@ class FedAvgFFT(Method):
     def build_stacked(self, model, num_replicas, packed_tokens=True):
         return FullStackedModel(model, num_replicas, packed_tokens=packed_tokens)
 
-    def init_global(self, stacked, seeds):
-        F = len(seeds)
-        state = {n: t[0].detach().expand(F, *t.shape[1:]).clone() for n, t in stacked.tensors().items()}
-        state.update(init_head(stacked, seeds, stacked.model.config.initializer_range))
-        return state
+    def init_global(self, layout, seeds):
+        F = len(seeds)                      # the pretrained backbone, and a head from each federation's seed
+        state = {n: t.detach().expand(F, *t.shape).clone() for n, t in layout.tensors.items()}
+        state.update(init_head(layout, seeds))
+        return Change(state)
 
-    def trainable(self, name, round_idx):
+    def trained(self, name, round_idx):
         return True

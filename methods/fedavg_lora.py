@@ -6,7 +6,7 @@ weighted by client sample counts. A starts from peft's default (Kaiming-uniform)
 import torch
 
 from fedsim.rng import torch_generator
-from methods.base import Method, init_head, kaiming_uniform_A
+from methods.base import Change, Method, init_head, kaiming_uniform_A
 
 
 class FedAvgLoRA(Method):
@@ -14,14 +14,14 @@ class FedAvgLoRA(Method):
     Params = None
     train_A = True
 
-    def init_global(self, stacked, seeds):
+    def init_global(self, layout, seeds):
         state = {}
-        for name, layer in stacked.lora.items():
-            state[name + ".lora_A"] = torch.stack(
-                [kaiming_uniform_A(layer.A.shape[1:], torch_generator(s, "lora_A", name)) for s in seeds])
-            state[name + ".lora_B"] = torch.zeros(len(seeds), *layer.B.shape[1:])
-        state.update(init_head(stacked, seeds, stacked.model.config.initializer_range))
-        return state
+        for name, (out_features, in_features) in layout.adapters.items():
+            state[name + ".lora_A"] = torch.stack([kaiming_uniform_A((layout.rank, in_features),
+                                                                     torch_generator(s, "lora_A", name)) for s in seeds])
+            state[name + ".lora_B"] = torch.zeros(len(seeds), out_features, layout.rank)
+        state.update(init_head(layout, seeds))
+        return Change(state)
 
-    def trainable(self, name, round_idx):
+    def trained(self, name, round_idx):
         return self.train_A or not name.endswith(".lora_A")

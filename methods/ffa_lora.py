@@ -33,13 +33,9 @@ class FFALoRA(FedAvgLoRA):
     Params = FFAParams
     train_A = False
 
-    def trainable(self, name, round_idx):
+    def trained(self, name, round_idx):
         if name.endswith(".lora_A"):
             return False
         if name.endswith(".lora_B"):
             return True
         return self.params.train_head
-
-    def payload_bytes(self, global_state, round_idx):
-        up = sum(t[0].numel() * t.element_size() for n, t in global_state.items() if self.trainable(n, round_idx))
-        return up, up           # frozen tensors are re-derived from the seed, never sent

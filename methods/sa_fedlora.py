@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from methods.base import Change
 from methods.fedavg_lora import FedAvgLoRA
 
 SCHEDULES = ("linear", "cosine", "exponential", "cubic")
@@ -114,33 +115,29 @@ class SAFedLoRA(FedAvgLoRA):
             r = cool + (heat - cool) * f
         return min(heat, max(cool, math.floor(r + 0.5)))
 
-    def _scale(self, layer, F_, stacked_rank, rank):
-        """Per-federation LoRA scale [F] at `rank`, read from the stacked layer built at `stacked_rank`."""
-        s = layer.scale.view(F_, -1)[:, 0]
-        return s * stacked_rank / rank if self.params.alpha_over == "current_rank" else s
+    def _scale(self, layout, rank):
+        """Per-federation LoRA scale [F] at `rank`, from the scales of the container's current rank."""
+        s = layout.scales
+        return s * layout.rank / rank if self.params.alpha_over == "current_rank" else s
 
-    def on_round_start(self, round_idx, global_state, stacked):
+    def on_round_start(self, round_idx, global_state, layout):
         a_name = next(n for n in global_state if n.endswith(".lora_A"))
-        F_, g_rank = global_state[a_name].shape[:2]
+        g_rank = global_state[a_name].shape[1]
         target = min(self.rank_at(round_idx), g_rank)          # the budget never grows
         if target < g_rank:
             global_state = dict(global_state)
-            for name, layer in stacked.lora.items():
+            for name in layout.adapters:
                 A, B = global_state[name + ".lora_A"], global_state[name + ".lora_B"]
-                s_old = self._scale(layer, F_, stacked.rank, g_rank).to(A)
-                s_new = self._scale(layer, F_, stacked.rank, target).to(A)
-                A, B = truncate_lora(A, B, s_old, s_new, target)
+                A, B = truncate_lora(A, B, self._scale(layout, g_rank).to(A), self._scale(layout, target).to(A), target)
                 global_state[name + ".lora_A"], global_state[name + ".lora_B"] = A, B
         self.rank = target
-        if stacked.rank != target:           # also after a resume: the model is rebuilt at the heating rank
-            if self.params.alpha_over == "current_rank":
-                for layer in stacked.lora.values():
-                    layer.scale.mul_(stacked.rank / target)
-            stacked.resize_rank(target)
-        return global_state
+        if layout.rank == target:
+            return Change(global_state)
+        # the container is at another rank (also after a resume: it is rebuilt at the heating rank)
+        return Change(global_state, rank=target, scales=self._scale(layout, target))
 
     # --- initiating stage -------------------------------------------------------------------------
-    def extra_grad(self, name, local, global_bcast, round_idx):
+    def local_regularizer_grad(self, name, local, global_bcast, round_idx):
         if round_idx >= self.params.init_rounds or self.params.mu == 0:
             return None
         return self.params.mu * (local.detach() - global_bcast())

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from fedsim.rng import torch_generator
-from methods.base import Method, init_head
+from methods.base import Change, Method, init_head
 
 
 @dataclass
@@ -55,19 +55,17 @@ class SLoRA(Method):
             self._masks[key] = (idx // n_in, idx % n_in)
         return self._masks[key]
 
-    def _attach_sparse(self, stacked):
-        for name, layer in stacked.lora.items():
-            if layer.sparse is None:            # idempotent: called every stage-1 round
-                layer.set_sparse(*self.mask(name, layer.base.weight.shape))
+    def masks(self, layout):
+        """{target: (rows, cols)}: every target's stage-1 mask (the engine attaches each once)."""
+        return {name: self.mask(name, shape) for name, shape in layout.adapters.items()}
 
-    def init_global(self, stacked, seeds):
-        self._attach_sparse(stacked)
-        state = {name + ".sparse": torch.zeros(len(seeds), layer.sparse.shape[1])
-                 for name, layer in stacked.lora.items()}
-        state.update(init_head(stacked, seeds, stacked.model.config.initializer_range))
-        return state
+    def init_global(self, layout, seeds):
+        masks = self.masks(layout)
+        state = {name + ".sparse": torch.zeros(len(seeds), len(rows)) for name, (rows, _) in masks.items()}
+        state.update(init_head(layout, seeds))
+        return Change(state, sparse=masks)
 
-    def trainable(self, name, round_idx):
+    def trained(self, name, round_idx):
         stage1 = round_idx < self.params.stage1_rounds
         if name.endswith(".sparse"):
             return stage1
@@ -75,34 +73,31 @@ class SLoRA(Method):
             return not stage1
         return True                             # the head trains throughout
 
-    def on_round_start(self, round_idx, global_state, stacked):
+    def on_round_start(self, round_idx, global_state, layout):
         if round_idx < self.params.stage1_rounds:
-            self._attach_sparse(stacked)
-            return global_state
+            return Change(global_state, sparse=self.masks(layout))
         if any(k.endswith(".sparse") for k in global_state):    # first stage-2 round (also after a resume)
-            return self._sparse_to_lora(global_state, stacked)
-        for layer in stacked.lora.values():     # resumed in stage 2 on a fresh model: drop the unused delta
-            layer.clear_sparse()
-        return global_state
+            return Change(self._sparse_to_lora(global_state, layout), sparse={})
+        return Change(global_state, sparse={})  # resumed in stage 2 on a fresh model: no delta to keep
 
-    def _sparse_to_lora(self, global_state, stacked):
+    def _sparse_to_lora(self, global_state, layout):
+        """The stage-2 LoRA factors of every target from the averaged stage-1 values; the head unchanged."""
         state = {}
-        for name, layer in stacked.lora.items():
+        for name, (out, n_in) in layout.adapters.items():
             values = global_state[name + ".sparse"]                           # [F, nnz]
             F = values.shape[0]
-            out, n_in = layer.base.weight.shape
             rows, cols = self.mask(name, (out, n_in))
             dW = torch.zeros(F, out, n_in, dtype=torch.float64, device=values.device)
             dW[:, rows.to(values.device), cols.to(values.device)] = values.double()
             U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
-            r = min(layer.rank, S.shape[1])
-            scale = layer.scale.view(F, -1)[:, 0].to(values.device, torch.float64)   # replica f*m = federation f
+            r = min(layout.rank, S.shape[1])
+            scale = layout.scales.to(values.device, torch.float64)
             root = (S[:, :r] / scale[:, None]).sqrt()
-            A = torch.zeros(F, layer.rank, n_in, dtype=torch.float64, device=values.device)
-            B = torch.zeros(F, out, layer.rank, dtype=torch.float64, device=values.device)
+            A = torch.zeros(F, layout.rank, n_in, dtype=torch.float64, device=values.device)
+            B = torch.zeros(F, out, layout.rank, dtype=torch.float64, device=values.device)
             A[:, :r] = root[:, :, None] * Vh[:, :r]
             B[:, :, :r] = U[:, :, :r] * root[:, None, :]
             state[name + ".lora_A"], state[name + ".lora_B"] = A.to(values.dtype), B.to(values.dtype)
-            layer.clear_sparse()                # base weights back to W0: the delta now lives in LoRA
+            # the engine drops the sparse deltas (Change.sparse = {}): the delta now lives in LoRA
         state.update({k: v for k, v in global_state.items() if not k.endswith(".sparse")})     # the head
         return state

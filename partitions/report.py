@@ -2,12 +2,8 @@
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: no display on the build machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
 
 def partition_table(parts, labels, label_names=None) -> pd.DataFrame:
@@ -26,6 +22,9 @@ def partition_table(parts, labels, label_names=None) -> pd.DataFrame:
 
 def plot_partition_heatmap(table: pd.DataFrame, path, title=None) -> list:
     """Clients x labels count heatmap. `path`: one file or a list (e.g. [x.png, x.pdf]); returns paths."""
+    import matplotlib                     # here, not at import: training never loads the plotting stack
+    matplotlib.use("Agg")                 # headless: no display on the build machines
+    import matplotlib.pyplot as plt
     counts = table.drop(columns="size").to_numpy()
     n_clients, n_labels = counts.shape
     fig, ax = plt.subplots(figsize=(min(2.5 + 0.45 * n_labels, 14), min(1.8 + 0.16 * n_clients, 18)))

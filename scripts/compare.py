@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from scripts import figures
+from scripts.families import FAMILIES
+from scripts.figures.load import federation_frame, load_runs
 
 NOISE_FACTOR = 2.0
 
@@ -24,8 +25,8 @@ NOISE_FACTOR = 2.0
 def cells(root, profile):
     """One row per finished federation of every family: family, run, seed, variant, acc."""
     frames = []
-    for family in figures.FAMILY_ORDER:
-        df = figures.federation_frame(figures.load_runs(root, family, profile))
+    for family in FAMILIES:
+        df = federation_frame(load_runs(root, family, profile))
         if not df.empty:
             frames.append(df.assign(family=family)[["family", "run", "seed", "variant", "acc"]])
     return pd.concat(frames, ignore_index=True) if frames else \

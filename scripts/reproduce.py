@@ -2,15 +2,7 @@
 
     python -m scripts.reproduce [--profile smoke|quick|paper] [--only FAMILY ...] [--results DIR]
 
-A family is one YAML file in configs/ (every file with a `family:` key) holding one section per profile:
-`paper` (the papers' scale, for a GPU), `quick` (a CPU, smaller model and data, labeled as such in every
-output) and `smoke` (seconds per family, for the tests); a family without a section for the chosen profile is
-skipped, and said so. A profile section expands into
-runs: `base` (fedsim config keys, as in fedsim/config.py DEFAULTS) x the cartesian product of `axes`
-(each value sets config keys and gives the run a label), then `task_overrides` for the run's task, then
-every `when` rule whose `match` ({axis: label or [labels]}) fits the run; `exclude` drops combinations. Seeds
-and sweeps (optimizer.lr, lora.alpha, dp.epsilon, dp.max_grad_norm) are federations inside one run, not
-separate runs.
+Which runs a family and profile hold is scripts/families.py (its docstring: the YAML layout).
 
 Tuning: a run whose merged layers hold `tune: {grid: {sweepable key: [values]}, seeds: [...],
 dev_fraction: f, set: {overrides of the tuning pass only, e.g. one epsilon}}` first runs that grid
@@ -46,7 +38,6 @@ import argparse
 import copy
 import itertools
 import json
-import os
 import shutil
 import sys
 import time
@@ -56,135 +47,11 @@ from pathlib import Path
 import yaml
 
 from fedsim import config as C
-
-REPO = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO / "configs"
-PROFILES = ("smoke", "quick", "paper")
-FAMILIES = ("ffa_table", "dp_recipe", "heterogeneity", "alpha", "rank", "slora", "communication")
-
-
-# ----------------------------------------------------------------------------- profiles and paths
-
-def detect_profile(explicit=None):
-    """--profile, else $PROFILE, else paper with CUDA and quick without."""
-    if explicit:
-        return explicit
-    env = os.environ.get("PROFILE", "").strip()
-    if env:
-        if env not in PROFILES:
-            raise ValueError(f"PROFILE={env!r}: valid profiles are {list(PROFILES)}")
-        return env
-    try:
-        import torch
-        return "paper" if torch.cuda.is_available() else "quick"
-    except ImportError:
-        return "quick"
-
-
-def results_root(explicit=None):
-    return Path(explicit or os.environ.get("FEDSIM_RESULTS") or REPO / "results")
-
-
-def load_families(config_dir=CONFIG_DIR):
-    """{family name: parsed YAML} for every configs/*.yaml with a `family:` key, in FAMILIES order."""
-    fams = {}
-    for path in sorted(Path(config_dir).glob("*.yaml")):
-        doc = yaml.safe_load(path.read_text()) or {}
-        if isinstance(doc, dict) and "family" in doc:
-            doc["_path"] = str(path)
-            fams[doc["family"]] = doc
-    order = {f: i for i, f in enumerate(FAMILIES)}
-    return dict(sorted(fams.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-
-
-# ----------------------------------------------------------------------------- expansion
-
-def _deep_update(dst, src):
-    """dst updated by src, nested sections merged; a section that names another kind (a new method,
-    partition or optimizer `name`) replaces the old one, whose parameters mean nothing to the new kind."""
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict) and k not in ("sweep",) \
-                and v.get("name", dst[k].get("name")) == dst[k].get("name"):
-            _deep_update(dst[k], v)
-        else:
-            dst[k] = copy.deepcopy(v)
-    return dst
-
-
-def _axis_values(axis):
-    """[(label, overrides)] of one axis. A value is a scalar (sets `key`; `method` sets method.name) or
-    {label: ..., set: {...}}."""
-    out = []
-    for v in axis["values"]:
-        if isinstance(v, dict):
-            out.append((str(v["label"]), v.get("set", {})))
-        elif axis.get("key") == "method":
-            out.append((str(v), {"method": {"name": v}}))
-        else:
-            out.append((str(v), {axis["key"]: v}))
-    return out
-
-
-def build_config(*layers):
-    """DEFAULTS merged with override layers (nested dicts, dotted keys allowed), then validated."""
-    cfg = copy.deepcopy(C.DEFAULTS)
-    for layer in layers:
-        C._merge(cfg, copy.deepcopy(layer))
-    return C.validate(cfg)
-
-
-def expand(family_doc, profile):
-    """The runs of one family and profile: [{name, labels, overrides, notes}] (configs not yet built)."""
-    if profile not in family_doc.get("profiles", {}):
-        raise ValueError(f"family {family_doc['family']} has no profile {profile!r} in {family_doc.get('_path')}")
-    prof = family_doc["profiles"][profile]
-    if "runs_from" in prof:          # a view over another family's runs (e.g. communication)
-        return []
-    axes = prof.get("axes", [])
-    names = [a["name"] for a in axes]
-    runs = []
-    for combo in itertools.product(*[_axis_values(a) for a in axes]):
-        labels = {n: lab for n, (lab, _) in zip(names, combo)}
-        over = _deep_update({}, prof.get("base", {}))
-        for _, o in combo:
-            over = _deep_update(over, o)
-        task = over.get("task", C.DEFAULTS["task"])
-        over = _deep_update(over, prof.get("task_overrides", {}).get(task, {}))
-        for rule in prof.get("when", []):                # e.g. a method's own learning rate
-            if all(labels.get(k) in [str(x) for x in (v if isinstance(v, list) else [v])]
-                   for k, v in rule["match"].items()):
-                over = _deep_update(over, rule["set"])
-        tune = over.pop("tune", None)                    # not a config key: the tuning protocol of this run
-        for rule in prof.get("exclude", []):             # combinations that make no sense
-            if all(labels.get(k) == str(v) for k, v in rule.items()):
-                break
-        else:
-            runs.append(dict(name="-".join(labels[n] for n in names), labels=labels, overrides=over,
-                             notes=list(prof.get("notes", [])), tune=tune))
-    return runs
-
-
-def required(family_doc, profile, families):
-    """Runs of other families this family's figures read ({family: [run names]})."""
-    prof = family_doc["profiles"].get(profile, {})
-    out = {}
-    for req in ([prof["runs_from"]] if "runs_from" in prof else []) + prof.get("requires", []):
-        fam = req["family"]
-        where = req.get("where", {})
-        runs = [r for r in expand(families[fam], profile)
-                if all(r["labels"].get(k) in [str(x) for x in (v if isinstance(v, list) else [v])]
-                       for k, v in where.items())]
-        out.setdefault(fam, []).extend(r["name"] for r in runs)
-    return out
-
+from fedsim.files import atomic_write_text
+from scripts.families import (CONFIG_DIR, PROFILES, build_config, deep_update, detect_profile, expand, load_families,
+                              required, results_root)
 
 # ----------------------------------------------------------------------------- running
-
-def _atomic_write(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def saved_config(path):
     """A run directory's config.yaml with the config keys added to DEFAULTS since it was written set to
@@ -213,7 +80,7 @@ def tuning_config(spec):
         raise ValueError(f"run {spec['name']}: unknown tune keys {unknown}; valid: {list(TUNE_KEYS)}")
     if not isinstance(tune.get("grid"), dict) or not tune["grid"]:
         raise ValueError(f"run {spec['name']}: tune.grid must map sweepable keys ({list(C.SWEEPABLE)}) to value lists")
-    over = _deep_update(copy.deepcopy(spec["overrides"]), tune.get("set", {}))   # e.g. tune at one epsilon
+    over = deep_update(copy.deepcopy(spec["overrides"]), tune.get("set", {}))   # e.g. tune at one epsilon
     own = dict(over.get("sweep", {}))
     clash = sorted(set(own) & set(tune["grid"]))
     if clash:
@@ -261,7 +128,7 @@ def tune_one(family, profile, spec, root, runner):
                   tuning_only=spec["tune"].get("set", {}),
                   split="dev (training rows held out from every client)", chosen=chosen, table=table,
                   tuning_dir=out.relative_to(Path(root)).as_posix())
-    _atomic_write(out / "tuning.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out / "tuning.json", json.dumps(record, indent=2) + "\n")
     over = copy.deepcopy(spec["overrides"])
     for k, v in chosen.items():
         section, key = k.split(".")
@@ -315,15 +182,15 @@ def _run_tuned(family, profile, spec, root, retry_failed, runner, progress):
         twin = find_twin(root, profile, cfg, out)
         if twin is not None:                      # the same experiment in another family: reuse, don't rerun
             meta["copied_from"] = twin.relative_to(Path(root)).as_posix()
-            _atomic_write(out / "run.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(out / "run.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
             for f in TWIN_FILES:
                 if (twin / f).exists():
                     shutil.copyfile(twin / f, out / f)
             shutil.copyfile(twin / "summary.json", out / "summary.json")       # last: marks it finished
             return "finished", time.perf_counter() - t0
-        _atomic_write(out / "run.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / "run.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if not (out / "partitions.csv").exists():
-            _atomic_write(out / "partitions.csv", partition_csv(cfg))
+            atomic_write_text(out / "partitions.csv", partition_csv(cfg))
         summary = runner(cfg, out, progress=progress)
         status = summary.get("status", "?")
     except RunError as e:                       # refused before any compute: report, write nothing there
@@ -332,11 +199,11 @@ def _run_tuned(family, profile, spec, root, retry_failed, runner, progress):
     except Exception as e:                      # record and go on; KeyboardInterrupt still stops the sweep
         status = f"failed: {type(e).__name__}: {e}"
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "run.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / "run.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
         fail = dict(status=status, task=spec["overrides"].get("task"),
                     method=spec["overrides"].get("method", {}).get("name"), federations=[],
                     error=traceback.format_exc(limit=8)[-4000:])
-        _atomic_write(summary_path, json.dumps(fail, indent=2) + "\n")
+        atomic_write_text(summary_path, json.dumps(fail, indent=2) + "\n")
         print(f"  FAILED {family}/{spec['name']}: {status}", file=sys.stderr, flush=True)
     return status, time.perf_counter() - t0
 

@@ -1,8 +1,7 @@
 """Helpers shared by the engine tests: build an engine on a small model, the matching reference config,
 and relative-error comparisons of state dicts."""
-import torch
 
-from fedsim.engine import Federation, FederatedEngine
+from fedsim.engine import Federation, build_engine
 from fedsim.reference import ReferenceConfig
 from methods import make_method
 
@@ -11,7 +10,7 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
 
 
-def build_engine(make_model, data, parts_per_fed, *, seeds, optimizer, targets, fraction, K=3, b=4, rank=4,
+def make_engine(make_model, data, parts_per_fed, *, seeds, optimizer, targets, fraction, K=3, b=4, rank=4,
                  alpha=8.0, method="fedavg_lora", dp=None, sigmas=None, chunk=None, lrs=None, alphas=None, clips=None,
                  precision="fp32", packed_tokens=True):
     """One engine over len(seeds) federations; lrs / alphas / sigmas / clips (DP clip norms) give each
@@ -23,11 +22,9 @@ def build_engine(make_model, data, parts_per_fed, *, seeds, optimizer, targets, 
                        noise_multiplier=(sigmas or [0.0] * len(seeds))[i], partitions=p,
                        max_grad_norm=(clips or [None] * len(seeds))[i])
             for i, (s, p) in enumerate(zip(seeds, parts_per_fed))]
-    m = max(1, round(fraction * len(parts_per_fed[0])))
-    stacked = method.build_stacked(make_model(), len(seeds) * m, packed_tokens=packed_tokens)
-    return FederatedEngine(stacked, method, data, feds, local_steps=K, batch_size=b, client_fraction=fraction,
-                           optimizer=optimizer, dp=dp, replica_chunk=chunk, device=torch.device("cpu"),
-                           precision=precision)
+    return build_engine(method, make_model(), data, feds, local_steps=K, batch_size=b, client_fraction=fraction,
+                        optimizer=optimizer, dp=dp, replica_chunk=chunk, precision=precision,
+                        packed_tokens=packed_tokens)
 
 
 def reference_cfg(optimizer, targets, fraction, seed=0, K=3, b=4, rank=4, alpha=8.0, rounds=2, **kw):

@@ -5,14 +5,14 @@ import torch
 
 from fedsim.autochunk import choose_replica_chunk
 from partitions import iid
-from tests.helpers import build_engine
+from tests.helpers import make_engine
 
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.0}
 
 
 def _engine(make_model, sst2_small, chunk=None):
     parts = iid(sst2_small["labels"].numpy(), 4, seed=0)
-    return build_engine(make_model, sst2_small, [parts], seeds=[0], optimizer=SGD, targets=["query", "value"],
+    return make_engine(make_model, sst2_small, [parts], seeds=[0], optimizer=SGD, targets=["query", "value"],
                         fraction=1.0, K=2, chunk=chunk)
 
 

@@ -1,5 +1,4 @@
 """Engine behaviour beyond equivalence: determinism, the ledger, evaluation, bad input."""
-import numpy as np
 import pytest
 import torch
 
@@ -7,7 +6,7 @@ from fedsim.config import load_config
 from fedsim.dp import max_poisson_batch
 from fedsim.engine import DPSetup
 from partitions import dirichlet_label_skew, iid
-from tests.helpers import build_engine, rel_err
+from tests.helpers import make_engine, rel_err
 
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
 
@@ -16,7 +15,7 @@ def test_two_runs_are_bitwise_identical(make_model, sst2_small):
     parts = dirichlet_label_skew(sst2_small["labels"].numpy(), 4, alpha=0.5, seed=3)
     states = []
     for _ in range(2):
-        eng = build_engine(make_model, sst2_small, [parts], seeds=[3], optimizer=SGD, targets=["query", "value"],
+        eng = make_engine(make_model, sst2_small, [parts], seeds=[3], optimizer=SGD, targets=["query", "value"],
                            fraction=0.5, K=2, dp=DPSetup(max_grad_norm=1.0, sample_rate=0.1,
                                                                       max_batch=max_poisson_batch(0.1 * max(map(len, parts)))),
                            sigmas=[0.8])
@@ -29,7 +28,7 @@ def test_two_runs_are_bitwise_identical(make_model, sst2_small):
 
 def test_ledger_counts_exact_lora_payload(make_model, sst2_small):
     parts = iid(sst2_small["labels"].numpy(), 4, seed=0)
-    eng = build_engine(make_model, sst2_small, [parts], seeds=[0], optimizer=SGD, targets=["query", "value"],
+    eng = make_engine(make_model, sst2_small, [parts], seeds=[0], optimizer=SGD, targets=["query", "value"],
                        fraction=0.5, K=1, rank=4)
     info = eng.run_round()
     hidden, layers, labels, r = 384, 2, 2, 4
@@ -41,7 +40,7 @@ def test_ledger_counts_exact_lora_payload(make_model, sst2_small):
 
 def test_evaluate_gives_one_accuracy_per_federation(make_model, sst2_small):
     parts = [iid(sst2_small["labels"].numpy(), 2, seed=s) for s in (0, 1)]
-    eng = build_engine(make_model, sst2_small, parts, seeds=[0, 1], optimizer=SGD, targets=["query", "value"],
+    eng = make_engine(make_model, sst2_small, parts, seeds=[0, 1], optimizer=SGD, targets=["query", "value"],
                        fraction=1.0, K=1)
     evalset = {k: v[:50] for k, v in sst2_small.items()}
     eng.eval_sets, eng.eval_batch_size = {"validation": evalset}, 16
@@ -87,13 +86,13 @@ def test_bad_experiment_inputs_fail_before_model_loading(tmp_path):
 
 def test_evaluate_uses_each_federations_lora_scale(make_model, sst2_small):
     """Federations that differ only in LoRA alpha share a pass; each is evaluated with its own scale."""
-    from fedsim.engine import Federation, FederatedEngine
+    from fedsim.engine import Federation, build_engine
     from methods import make_method
     parts = iid(sst2_small["labels"].numpy(), 2, seed=0)
     method = make_method({"name": "fedavg_lora"}, {"rank": 4, "alpha": 8.0, "targets": ["query", "value"]})
     feds = [Federation(seed=0, lr=0.1, lora_alpha=a, partitions=parts) for a in (1.0, 64.0)]
-    eng = FederatedEngine(method.build_stacked(make_model(), 4), method, sst2_small, feds, local_steps=1,
-                          batch_size=4, client_fraction=1.0, optimizer=SGD, device=torch.device("cpu"))
+    eng = build_engine(method, make_model(), sst2_small, feds, local_steps=1, batch_size=4, client_fraction=1.0,
+                       optimizer=SGD)
     eng.run_round()
     gen = torch.Generator().manual_seed(0)           # one SGD step leaves B tiny: make the adapters matter
     for n in [n for n in eng.global_state if n.endswith(".lora_B")]:
@@ -145,11 +144,11 @@ def test_packed_poisson_pass_equals_padded_pass(make_model, sst2_small, method, 
         if self.slots is not None:
             packed_rows.append((len(self.slots), self.num_slots))
     monkeypatch.setattr(_StackedState, "pack", spy)
-    eng = build_engine(make_model, sst2_small, [parts], **kw)
+    eng = make_engine(make_model, sst2_small, [parts], **kw)
     eng.run_round()
     assert packed_rows and all(n < slots for n, slots in packed_rows)      # packing really happened
     monkeypatch.setattr(_StackedState, "pack", lambda self, mask: pack(self, None))   # every slot runs
-    ref = build_engine(make_model, sst2_small, [parts], **kw)
+    ref = make_engine(make_model, sst2_small, [parts], **kw)
     ref.run_round()
     for n, v in ref.global_state.items():
         torch.testing.assert_close(eng.global_state[n], v, rtol=1e-5, atol=1e-6, msg=n)
@@ -192,11 +191,11 @@ def test_length_grouped_step_equals_one_padded_pass(make_model, sst2_small, meth
     calls = []
     trim = engine._trim
     monkeypatch.setattr(engine, "_trim", lambda inputs: calls.append(trim(inputs)["input_ids"].shape) or trim(inputs))
-    grouped = build_engine(make_model, sst2_small, [parts, parts], **kw)
+    grouped = make_engine(make_model, sst2_small, [parts, parts], **kw)
     grouped.run_round()
     assert len(calls) > 2 * 2 and len({t for _, t in calls}) > 1      # several passes per step, different lengths
     monkeypatch.setattr(engine, "MAX_LENGTH_GROUPS", 1)
-    single = build_engine(make_model, sst2_small, [parts, parts], **kw)
+    single = make_engine(make_model, sst2_small, [parts, parts], **kw)
     single.run_round()
     for n, v in single.global_state.items():
         torch.testing.assert_close(grouped.global_state[n], v, rtol=1e-5, atol=1e-6, msg=n)
@@ -217,7 +216,7 @@ def test_packed_token_step_equals_padded_step(make_model, sst2_small, method, pr
     kw = dict(seeds=[6, 7], optimizer=SGD, targets=["query", "value"], fraction=2 / 3, K=2, b=8, method=method,
               dp=dp, sigmas=[0.7, 0.7] if private else None, chunk=3)
     model = lambda: make_model(pooling=pooling)                      # noqa: E731
-    engines = [build_engine(model, sst2_small, [parts, parts], packed_tokens=p, **kw) for p in (True, False)]
+    engines = [make_engine(model, sst2_small, [parts, parts], packed_tokens=p, **kw) for p in (True, False)]
     assert engines[0].stacked.runs_packed_tokens and not engines[1].stacked.runs_packed_tokens
     lengths = sst2_small["attention_mask"].sum(1)
     assert lengths.min() < lengths.max() // 2                       # really ragged rows
@@ -245,7 +244,7 @@ def test_bf16_precision_runs_the_backbone_in_bf16_and_keeps_trained_tensors_fp32
         if private else None
     updates = {}
     for precision in ("fp32", "bf16"):
-        eng = build_engine(make_model, sst2_small, [parts], seeds=[0], optimizer={"name": "sgd", "lr": 0.1},
+        eng = make_engine(make_model, sst2_small, [parts], seeds=[0], optimizer={"name": "sgd", "lr": 0.1},
                            targets=["query", "value"], fraction=1.0, K=2, method=method, dp=dp,
                            sigmas=[0.5] if private else None, precision=precision)
         start = {n: v.clone() for n, v in eng.global_state.items()}

@@ -6,7 +6,7 @@ from fedsim.dp import max_poisson_batch
 from fedsim.engine import DPSetup
 from fedsim.reference import run_reference
 from partitions import dirichlet_label_skew
-from tests.helpers import assert_same, build_engine, reference_cfg
+from tests.helpers import assert_same, make_engine, reference_cfg
 
 
 # AdamW divides every coordinate by its own running RMS, so a coordinate whose gradient is ~1e-7 of the
@@ -28,7 +28,7 @@ def test_engine_equals_sequential_peft_reference(make_model, sst2_small, optimiz
     parts = dirichlet_label_skew(labels, 4, alpha=0.5, seed=0)
     fresh = make_model
     make_model = lambda: fresh().to(dtype)  # noqa: E731
-    eng = build_engine(make_model, sst2_small, [parts], seeds=[0], optimizer=optimizer, targets=targets,
+    eng = make_engine(make_model, sst2_small, [parts], seeds=[0], optimizer=optimizer, targets=targets,
                        fraction=fraction)
     init = {k: v[0].clone() for k, v in eng.global_state.items()}
     for _ in range(2):
@@ -46,7 +46,7 @@ def test_federations_and_chunks_share_one_pass(make_model, sst2_small):
     labels = sst2_small["labels"].numpy()
     parts = [dirichlet_label_skew(labels, 3, alpha=1.0, seed=s) for s in (5, 6)]
     opt = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
-    eng = build_engine(make_model, sst2_small, parts, seeds=[5, 6], optimizer=opt, targets=["query", "value"],
+    eng = make_engine(make_model, sst2_small, parts, seeds=[5, 6], optimizer=opt, targets=["query", "value"],
                        fraction=2 / 3, chunk=1, lrs=[0.1, 0.03])
     init = {k: v.clone() for k, v in eng.global_state.items()}
     for _ in range(2):
@@ -66,7 +66,7 @@ def test_private_engine_equals_private_reference(make_model, sst2_small, head_sh
     q, sigma, C = 0.05, 0.7, 0.5
     max_batch = max_poisson_batch(q * max(map(len, parts)))
     opt = {"name": "sgd", "lr": 0.5, "momentum": 0.0}
-    eng = build_engine(make_model, sst2_small, [parts], seeds=[1], optimizer=opt, targets=["query", "value"],
+    eng = make_engine(make_model, sst2_small, [parts], seeds=[1], optimizer=opt, targets=["query", "value"],
                        fraction=1.0, dp=DPSetup(max_grad_norm=C, sample_rate=q, max_batch=max_batch,
                                                 head_share=head_share), sigmas=[sigma])
     init = {k: v[0].clone() for k, v in eng.global_state.items()}

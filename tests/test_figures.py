@@ -2,7 +2,8 @@
 import pandas as pd
 import pytest
 
-from scripts import figures
+from scripts.figures.families.dp_recipe import RECIPE_REFERENCE, family_dp_recipe
+from scripts.figures.style import Writer
 
 
 def _run(name, method, recipe, accs, epsilon=1.0):
@@ -20,14 +21,14 @@ def test_dp_recipe_sets_each_recipe_beside_the_ffa_table_cells_at_the_same_epsil
                           for m, base in (("fedavg_lora", 0.60), ("ffa_lora", 0.76))
                           for e, shift in ((1.0, 0.0), (3.0, 0.2))          # ε=3 must not leak into the ε=1 column
                           for s, acc in enumerate([base + shift, base + shift + 0.01, base + shift + 0.03])])
-    w = figures.Writer(tmp_path, "dp_recipe", "quick")
-    figures.family_dp_recipe(w, runs, {"ffa_table_seeds": table})
+    w = Writer(tmp_path, "dp_recipe", "quick")
+    family_dp_recipe(w, runs, {"ffa_table_seeds": table})
     acc = pd.read_csv(tmp_path / "dp_recipe" / "quick" / "tables" / "accuracy.csv")
-    ref = acc[acc.recipe == figures.RECIPE_REFERENCE].set_index("method")["mean"]
+    ref = acc[acc.recipe == RECIPE_REFERENCE].set_index("method")["mean"]
     assert ref["fedavg_lora"] == pytest.approx(0.6133333, abs=1e-6)
     split = acc[acc.recipe == "head_split"].set_index("method")["mean"]
     assert split["ffa_lora"] == pytest.approx(0.8233333, abs=1e-6)
     diff = pd.read_csv(tmp_path / "dp_recipe" / "quick" / "tables" / "ffa_minus_fedavg.csv").set_index("recipe")
     assert diff.loc["head_split", "mean"] == pytest.approx(0.1033333, abs=1e-6)   # paired by seed
     assert diff.loc["head_split", "verdict"] == "reproduced"
-    assert diff.loc[figures.RECIPE_REFERENCE, "n"] == 3
+    assert diff.loc[RECIPE_REFERENCE, "n"] == 3

@@ -15,7 +15,7 @@ import torch
 
 from fedsim.engine import DPSetup
 from partitions import dirichlet_label_skew
-from tests.helpers import build_engine, rel_err
+from tests.helpers import make_engine, rel_err
 
 OPT = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
 TARGETS = ["query", "value"]
@@ -41,7 +41,7 @@ CASES = [(k, private) for k in PASSES for private in (False, True) if private or
 def _engine(make_model, data, feds, private, chunk, K=2):
     labels = data["labels"].numpy()
     parts = [dirichlet_label_skew(labels, NUM_CLIENTS, alpha=0.5, seed=s) for s, *_ in feds]
-    return build_engine(make_model, data, parts, seeds=[f[0] for f in feds], optimizer=OPT, targets=TARGETS,
+    return make_engine(make_model, data, parts, seeds=[f[0] for f in feds], optimizer=OPT, targets=TARGETS,
                         fraction=FRACTION, K=K, alphas=[f[2] for f in feds], lrs=[f[1] for f in feds],
                         dp=DP if private else None, sigmas=[f[3] if private else 0.0 for f in feds],
                         clips=[f[4] for f in feds] if private else None, chunk=chunk)
@@ -82,7 +82,7 @@ def test_sweep_variants_share_clients_batches_and_masks(make_model, sst2_small):
         for t in range(3):
             sampled = eng.sampled_clients(t)
             rows, masks = eng._batches(t, sampled)
-            m = eng.m
+            m = eng.clients_per_round
             assert (sampled[0] == sampled[1]).all() and (sampled[2] == sampled[3]).all()
             assert torch.equal(rows[:m], rows[m:2 * m]) and torch.equal(masks[:m], masks[m:2 * m])
             assert torch.equal(rows[2 * m:3 * m], rows[3 * m:])
@@ -123,7 +123,7 @@ def test_every_method_in_a_pass_equals_itself_alone(make_model, sst2_small, meth
 
     def engine(fs):
         parts = [dirichlet_label_skew(labels, NUM_CLIENTS, alpha=0.5, seed=s) for s, *_ in fs]
-        return build_engine(make_model, sst2_small, parts, seeds=[f[0] for f in fs], optimizer=OPT,
+        return make_engine(make_model, sst2_small, parts, seeds=[f[0] for f in fs], optimizer=OPT,
                             targets=TARGETS, fraction=FRACTION, K=2, lrs=[f[1] for f in fs], method=method, chunk=2)
     rounds = 3 if method["name"] == "sa_fedlora" else 2
     shared = _final_global(engine(feds), rounds)

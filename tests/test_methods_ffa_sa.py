@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.engine import Federation, FederatedEngine
+from fedsim.engine import Federation, build_engine
 from fedsim.reference import run_reference
 from fedsim.stacked import StackedModel
 from methods import make_method
 from methods.sa_fedlora import SCHEDULES
 from partitions import dirichlet_label_skew
-from tests.helpers import assert_same, build_engine, reference_cfg, rel_err
+from tests.helpers import assert_same, make_engine, reference_cfg, rel_err
 
 QV = ["query", "value"]
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.0}
@@ -23,10 +23,8 @@ def engine(make_model, data, parts, method_cfg, *, rank=4, alphas=(8.0,), lrs=(0
     method = make_method(method_cfg, {"rank": rank, "alpha": alphas[0], "targets": QV})
     seeds = seeds or [0] * len(alphas)
     feds = [Federation(seed=s, lr=lr, lora_alpha=a, partitions=parts) for s, a, lr in zip(seeds, alphas, lrs)]
-    m = max(1, round(fraction * len(parts)))
-    stacked = StackedModel(make_model(), len(feds) * m, rank, QV)
-    return FederatedEngine(stacked, method, data, feds, local_steps=K, batch_size=b, client_fraction=fraction,
-                           optimizer=optimizer, device=torch.device("cpu"))
+    return build_engine(method, make_model(), data, feds, local_steps=K, batch_size=b, client_fraction=fraction,
+                        optimizer=optimizer)
 
 
 def adapters(state, layer):
@@ -35,7 +33,7 @@ def adapters(state, layer):
 
 def effective_deltas(eng):
     """{module: [F, out, in]} scale * B @ A of each federation's global model."""
-    F_ = len(eng.feds)
+    F_ = len(eng.federations)
     out = {}
     for name, layer in eng.stacked.lora.items():
         A, B = adapters(eng.global_state, name)
@@ -47,7 +45,7 @@ def effective_deltas(eng):
 
 def test_ffa_freezes_shared_A_and_equals_reference(make_model, sst2_small):
     parts = dirichlet_label_skew(sst2_small["labels"].numpy(), 4, alpha=0.5, seed=0)
-    eng = build_engine(make_model, sst2_small, [parts], seeds=[0], optimizer=SGD, targets=QV, fraction=0.5,
+    eng = make_engine(make_model, sst2_small, [parts], seeds=[0], optimizer=SGD, targets=QV, fraction=0.5,
                        K=2, method="ffa_lora")
     init = {k: v[0].clone() for k, v in eng.global_state.items()}
     for _ in range(2):
@@ -68,13 +66,13 @@ def test_ffa_uploads_half_the_adapter_bytes(make_model):
     stacked = StackedModel(make_model(), 1, 4, QV)
     lora = {"rank": 4, "alpha": 8.0, "targets": QV}
     fedavg = make_method({"name": "fedavg_lora"}, lora)
-    state = fedavg.init_global(stacked, [0])
+    state = fedavg.init_global(stacked.layout(1), [0]).global_state
     head = sum(t[0].numel() * t.element_size() for n, t in state.items() if n.startswith("classifier"))
     b_bytes = sum(t[0].numel() * t.element_size() for n, t in state.items() if n.endswith(".lora_B"))
     up_avg, _ = fedavg.payload_bytes(state, 0)
     for train_head, extra in ((True, head), (False, 0)):
         ffa = make_method({"name": "ffa_lora", "train_head": train_head}, lora)
-        up, down = ffa.payload_bytes(ffa.init_global(stacked, [0]), 0)
+        up, down = ffa.payload_bytes(ffa.init_global(stacked.layout(1), [0]).global_state, 0)
         assert up == down == b_bytes + extra            # A never travels: clients re-derive it from the seed
         assert 2 * (up - extra) == up_avg - head       # query/value are square: B is half the adapter
 
@@ -167,7 +165,9 @@ def test_sa_truncation_keeps_top_singular_directions(make_model, alpha_over):
     first = next(iter(stacked.lora))            # cross-check the closed form with torch's SVD once
     u, s, vh = torch.linalg.svd(target[first])
     assert rel_err(u[:, :, :k] * s[:, None, :k] @ vh[:, :k], best[first]) < 1e-6
-    new = method.on_round_start(1, state, stacked)
+    change = method.on_round_start(1, state, stacked.layout(F_))
+    stacked.apply(change, clients_per_round=1)
+    new = change.global_state
     assert stacked.rank == k and method.rank == k
     for name, layer in stacked.lora.items():
         A, B = adapters(new, name)
@@ -188,7 +188,7 @@ def test_sa_proximal_term_limits_drift(make_model, sst2_small):
         eng = engine(make_model, sst2_small, parts, sa_cfg(mu=mu, init_rounds=1, cooling_rank=4), K=6, lrs=(0.1,))
         start = {n: v.clone() for n, v in eng.global_state.items()}
         eng.run_round()
-        drift[mu] = sum((eng.tensors[n] - start[n].repeat_interleave(eng.m, 0)).pow(2).sum() for n in start).sqrt()
+        drift[mu] = sum((eng.tensors[n] - start[n].repeat_interleave(eng.clients_per_round, 0)).pow(2).sum() for n in start).sqrt()
     assert drift[8.0] < 0.5 * drift[0.0], drift
 
 

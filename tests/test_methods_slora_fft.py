@@ -4,10 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsim.engine import DPSetup, Federation, FederatedEngine
+from fedsim.engine import DPSetup, Federation, build_engine
 from fedsim.full_stacked import FullStackedModel
 from fedsim.reference import ReferenceConfig, per_sample_grads, run_reference
-from fedsim.stacked import GradBuffer, StackedLoRALinear, _StackedState
+from fedsim.grads import GradBuffer
+from fedsim.stacked import StackedLoRALinear, _StackedState
 from methods import make_method
 from partitions import dirichlet_label_skew
 
@@ -20,10 +21,8 @@ def engine_for(method, make_model, data, parts_per_fed, *, seeds, optimizer=SGD,
     feds = [Federation(seed=s, lr=optimizer["lr"], lora_alpha=LORA["alpha"],
                        noise_multiplier=(sigmas or [0.0] * len(seeds))[i], partitions=p)
             for i, (s, p) in enumerate(zip(seeds, parts_per_fed))]
-    m = max(1, round(fraction * len(parts_per_fed[0])))
-    stacked = method.build_stacked(make_model(), len(seeds) * m)
-    return FederatedEngine(stacked, method, data, feds, local_steps=K, batch_size=b, client_fraction=fraction,
-                           optimizer=optimizer, dp=dp, device=torch.device("cpu"))
+    return build_engine(method, make_model(), data, feds, local_steps=K, batch_size=b, client_fraction=fraction,
+                        optimizer=optimizer, dp=dp)
 
 
 def slora(**params):
@@ -46,7 +45,7 @@ def nbytes(ts):
 def test_slora_mask_is_shared_seeded_and_of_target_density(make_model):
     a = slora(density=0.01)
     stacked = a.build_stacked(make_model(), 4)
-    a.init_global(stacked, seeds=[0, 3])
+    stacked.apply(a.init_global(stacked.layout(2), seeds=[0, 3]), clients_per_round=2)
     for name, layer in stacked.lora.items():
         out, n_in = layer.base.weight.shape
         rows, cols = layer.sparse_rows, layer.sparse_cols
@@ -56,7 +55,7 @@ def test_slora_mask_is_shared_seeded_and_of_target_density(make_model):
         # the server regenerates it from mask_seed alone: another method instance, other federation seeds
         other = slora(density=0.01)
         s2 = other.build_stacked(make_model(), 1)
-        other.init_global(s2, seeds=[7])
+        s2.apply(other.init_global(s2.layout(1), seeds=[7]), clients_per_round=1)
         assert torch.equal(s2.lora[name].sparse_rows, rows) and torch.equal(s2.lora[name].sparse_cols, cols)
     assert list(stacked.tensors())[:3] == [f"{n}.{k}" for n in [next(iter(stacked.lora))]
                                            for k in ("sparse", "lora_A", "lora_B")]
@@ -80,7 +79,7 @@ def test_slora_stage1_sparse_then_stage2_best_rank_r(make_model, sst2_small):
     for name, layer in lora.items():
         masked = torch.zeros_like(w0[name], dtype=torch.bool)
         masked[layer.sparse_cols, layer.sparse_rows] = True           # probe is W^T
-        for r in range(eng.R):                                        # every client of both federations
+        for r in range(eng.num_replicas):                                        # every client of both federations
             changed = probe(layer, r) != w0[name]
             assert changed.any() and not (changed & ~masked).any()
         assert not layer.A.any() and not layer.B.any()                # LoRA untouched in stage 1
@@ -90,7 +89,7 @@ def test_slora_stage1_sparse_then_stage2_best_rank_r(make_model, sst2_small):
         d = torch.zeros(2, *layer.base.weight.shape, dtype=torch.float64)
         d[:, layer.sparse_rows, layer.sparse_cols] = eng.global_state[name + ".sparse"].double()
         dW[name] = d
-    eng.global_state = method.on_round_start(1, eng.global_state, eng.stacked)   # the stage switch
+    eng._apply(method.on_round_start(1, eng.global_state, eng.layout()))       # the stage switch
     assert not any(k.endswith(".sparse") for k in list(eng.global_state) + list(eng.stacked.tensors()))
     scale = LORA["alpha"] / LORA["rank"]
     for name, layer in lora.items():
@@ -157,8 +156,8 @@ def test_slora_with_dp_clips_sparse_and_head_jointly(make_model, sst2_small):
     info = eng.run_round()
     assert all(torch.isfinite(torch.tensor(info["loss"])))
     names = list(start)                               # sparse values + head: all clipped as one vector
-    for r in range(eng.R):
-        f, c = divmod(r, eng.m)
+    for r in range(eng.num_replicas):
+        f, c = divmod(r, eng.clients_per_round)
         delta = torch.cat([(eng.tensors[n][r] - start[n][f]).flatten() for n in names])
         bound = lr * C * masks[r].sum() / (q * len(parts[f][sampled[f][c]]))   # K steps of sum(clipped) / B
         if f == 0:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from scripts import figures, reproduce
+from scripts.figures.load import variant_str
 
 FAILING = "sst2-ffa_lora-dp"
 
@@ -102,7 +103,7 @@ def test_compare_sets_each_regenerated_cell_beside_the_committed_one(smoke_resul
     (run / "summary.json").write_text(json.dumps(s))
     table = compare.compare(smoke_results, rerun, "smoke")
     changed = table[(table.run == "sst2-fedavg_lora-dp") & (table.seed == s["federations"][0]["seed"])
-                    & (table.variant == figures._variant_str(s["federations"][0]["variant"]))]
+                    & (table.variant == variant_str(s["federations"][0]["variant"]))]
     assert list(changed["outcome"]) == ["differs"]
     assert (table["outcome"] == "identical").sum() == len(table) - 1 and len(table) > 10
     counts = compare.write(table, rerun / "COMPARISON.md", "smoke")

@@ -172,7 +172,7 @@ def test_dev_split_is_held_out_from_every_client_and_evaluated(tmp_path):
     cfg = load_config(overrides=dict(SMOKE, dev_fraction=0.2, rounds=1, **{"dp.epsilon": 3.0}))
     exp = Experiment(cfg)
     assert len(exp.dev_rows) == 40 and len(exp.train_rows) == 160
-    for fed in exp.feds:
+    for fed in exp.federations:
         held = set(np.concatenate(fed.partitions).tolist())
         assert held == set(exp.train_rows.tolist()) and not held & set(exp.dev_rows.tolist())
     assert exp.dp.sample_rate == pytest.approx(cfg["batch_size"] * cfg["num_clients"] / 160)

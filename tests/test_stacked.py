@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from fedsim.reference import ReferenceConfig, build_model, per_sample_grads
-from fedsim.stacked import GradBuffer, StackedModel
+from fedsim.grads import GradBuffer
+from fedsim.stacked import StackedModel
 
 
 def random_batch(n=5, T=12, seed=0, labels=2):

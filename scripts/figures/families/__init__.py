@@ -1,0 +1,19 @@
+"""One module per experiment family, registered by its name (the `family:` of its configs/*.yaml).
+
+A family's render(writer, runs, ctx) writes its tables and figures through the writer and leaves in ctx the
+typed results the claims read (scripts/figures/claims.py). A family without a module gets only the
+generic parts (setting line, run status, tuning table). communication is a view over another family's
+runs (`runs_from` in its profile) and is called with that profile section.
+"""
+RENDER = {}
+
+
+def register(name):
+    def wrap(render):
+        RENDER[name] = render
+        return render
+    return wrap
+
+
+from scripts.figures.families import dp_recipe, ffa_table, heterogeneity, slora, sweeps  # noqa: E402,F401  (register)
+from scripts.figures.families.communication import family_communication  # noqa: E402,F401
