@@ -86,7 +86,7 @@ def time_engine(eng, device):
     lengths = eng.train["attention_mask"].sum(1)
     best = (float("inf"), 0, None)
     for _ in range(REPEATS):
-        rows, _ = eng._batches(eng.round_idx, eng.sampled_clients(eng.round_idx))
+        rows = eng.plan_round(eng.round_idx).rows
         seq = lengths[rows.reshape(-1)]
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -26,10 +26,12 @@ CACHE = Path(os.environ.get("FEDSIM_CACHE") or Path(__file__).resolve().parent.p
 def _key(engine, seq_len):
     cfg = engine.stacked.model.config
     dev = torch.cuda.get_device_name() if engine.device.type == "cuda" else f"cpu{torch.get_num_threads()}"
-    # m and the expected batch b, not R or the padded Poisson size (which depend on the other federations)
+    # clients per round and the expected batch, not R or the padded Poisson size (they depend on the other
+    # federations)
     return "|".join(map(str, (dev, cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, engine.clients_per_round,
-                              engine.batch_size, seq_len, sorted(engine.tensors)[:1], len(engine.tensors), engine.dp is not None,
-                              getattr(engine.stacked, "runs_packed_tokens", False), engine.precision)))
+                              engine.batch_size, seq_len, sorted(engine.tensors)[:1], len(engine.tensors),
+                              engine.dp is not None, getattr(engine.stacked, "runs_packed_tokens", False),
+                              engine.precision)))
 
 
 def candidates(clients_per_round):
@@ -55,28 +57,21 @@ def choose_replica_chunk(engine, seq_len, repeats=1, cache=CACHE):
     if key in table:
         engine.chunk = table[key]["chunk"]
         return engine.chunk
-    sampled = engine.sampled_clients(0)
-    rows, masks = engine._batches(0, sampled)
-    ids = [(i, int(c)) for i, cl in enumerate(sampled) for c in cl]
-    trainable = [n for n in engine.tensors if engine.method.trained(n, 0)]
-    for name, p in engine.tensors.items():
-        p.requires_grad_(name in trainable)
-    with torch.no_grad():
-        for name, g in engine.global_state.items():
-            engine.tensors[name].copy_(g.repeat_interleave(engine.clients_per_round, 0))
+    plan = engine.plan_round(0)
+    engine.begin_round(plan)
     rates, failed = {}, dict(engine.failed)     # timing steps may blow up a huge-lr federation: not a result
     for i, c in enumerate(candidates(engine.clients_per_round)):
         opt = make_optimizer(engine.opt_cfg, engine.lr)
         rs = slice(0, c)
         if i == 0:                                       # allocator and kernels, once
-            engine._local_step(0, 0, rs, rows[rs, 0], masks[rs, 0], ids[rs], trainable, opt)
+            engine.local_step(plan, 0, rs, opt)
         t0 = time.perf_counter()
         for _ in range(repeats):
-            engine._local_step(0, 0, rs, rows[rs, 0], masks[rs, 0], ids[rs], trainable, opt)
+            engine.local_step(plan, 0, rs, opt)
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
         # real samples, not replicas: Poisson batches differ in size from replica to replica
-        rates[c] = int(masks[rs, 0].sum()) * repeats / (time.perf_counter() - t0)
+        rates[c] = int(plan.masks[rs, 0].sum()) * repeats / (time.perf_counter() - t0)
         if rates[c] < STOP_BELOW * max(rates.values()):
             break
     engine.failed = failed

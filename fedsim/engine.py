@@ -13,15 +13,15 @@ noise draws (each scaled by its own sigma), so a sweep is a comparison under com
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedsim.grads import GradBuffer
 from fedsim.ledger import Ledger
 from fedsim.optim import make_optimizer
 from fedsim.packed import MAX_LENGTH_GROUPS, length_groups, pack
-from fedsim.sampling import clients_per_round, fixed_batches, poisson_batches, sample_clients
-from fedsim.grads import GradBuffer
+from fedsim.plan import plan_round
+from fedsim.sampling import clients_per_round
 
 
 # A federation whose mean training loss exceeds this many times the loss of guessing uniformly (ln of the
@@ -72,6 +72,10 @@ def build_engine(method, model, train, federations, *, client_fraction, device="
 
 
 class FederatedEngine:
+    """F federations x clients_per_round replicas trained in one batched pass (build it with build_engine).
+    Per round: the method's schedule (on_round_start), a RoundPlan, every chunk's local steps, aggregation of
+    what is shared, client-local state kept per client id, the byte ledger; evaluate() scores the global models."""
+
     def __init__(self, stacked, method, train, federations, *, local_steps, batch_size, client_fraction,
                  optimizer, dp=None, replica_chunk=None, device="cpu", eval_sets=None, eval_batch_size=128,
                  precision="auto"):
@@ -97,6 +101,8 @@ class FederatedEngine:
         for layer in stacked.lora.values():
             layer.scale.copy_(rep([f.lora_alpha / stacked.rank for f in federations]))
         self._apply(method.init_global(self.layout(), [f.seed for f in federations]))   # may add tensors
+        # client-local tensors (methods.base.Method.client_local): {name: [F, num_clients, *shape]}, by client id
+        self.client_state = {}
         self.head_names = [f"{h}.{p}" for h in stacked.heads for p in ("weight", "bias")]   # per-group clipping
         self.ledger = Ledger(len(federations))
         self.round_idx = 0
@@ -123,25 +129,6 @@ class FederatedEngine:
         return self.stacked(**_trim(inputs))
 
     # ------------------------------------------------------------------ one round
-    def sampled_clients(self, t):
-        return [sample_clients(self.num_clients, self.fraction, f.seed, t) for f in self.federations]
-
-    def _batches(self, t, sampled):
-        """Dataset rows [R, K, b] and sample mask [R, K, b] for every replica's local steps."""
-        rows, masks = [], []
-        for fed, clients in zip(self.federations, sampled):
-            for c in clients:
-                part = fed.partitions[c]
-                if self.dp is None:
-                    pos = fixed_batches(len(part), self.batch_size, self.local_steps, fed.seed, t, c)
-                    mask = np.ones_like(pos, dtype=bool)
-                else:
-                    pos, mask = poisson_batches(len(part), self.dp.sample_rate, self.dp.max_batch, self.local_steps,
-                                                fed.seed, t, c)
-                rows.append(part[pos])
-                masks.append(mask)
-        return torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks))
-
     def run_round(self):
         """One round for every federation. Returns per-federation losses (None where not finite), bytes and
         `failed`: {federation: reason} for federations that failed in this round."""
@@ -149,24 +136,18 @@ class FederatedEngine:
         already_failed = set(self.failed)
         self._apply(self.method.on_round_start(t, self.global_state, self.layout()))
         last_finite = dict(self.global_state)                  # aggregation makes new tensors; these stay
-        sampled = self.sampled_clients(t)
-        trainable = [n for n in self.tensors if self.method.trained(n, t)]
-        with torch.no_grad():                                    # broadcast global -> replicas
-            for name, g in self.global_state.items():
-                self.tensors[name].copy_(g.repeat_interleave(self.clients_per_round, 0))
-        for name, p in self.tensors.items():
-            p.requires_grad_(name in trainable)
-        rows, masks = self._batches(t, sampled)
-        client_ids = [(i, int(c)) for i, cl in enumerate(sampled) for c in cl]
+        plan = self.plan_round(t)
+        self.begin_round(plan)
         losses = torch.zeros(self.num_replicas)
         opt = make_optimizer(self.opt_cfg, self.lr)
         for r0 in range(0, self.num_replicas, self.chunk):
             rs = slice(r0, min(r0 + self.chunk, self.num_replicas))
             for s in range(self.local_steps):
-                losses[rs] += self._local_step(t, s, rs, rows[rs, s], masks[rs, s], client_ids[rs], trainable, opt)
-        self._aggregate(t, sampled, trainable)
+                losses[rs] += self.local_step(plan, s, rs, opt)
+        self._aggregate(plan)
         per_fed = (losses / self.local_steps).view(len(self.federations), self.clients_per_round).mean(1)
         self._freeze_failed(t, per_fed, last_finite)
+        self._store_client_state(plan)
         up, down = self.method.payload_bytes(self.global_state, t)
         self.ledger.record(t, self.clients_per_round, up, down)
         self.round_idx += 1
@@ -175,6 +156,44 @@ class FederatedEngine:
         return dict(round=t, loss=loss, up_bytes=up * clients, down_bytes=down * clients,
                     cum_up_bytes=self.ledger.cumulative("up"), cum_down_bytes=self.ledger.cumulative("down"),
                     failed={f: v["reason"] for f, v in self.failed.items() if f not in already_failed})
+
+    def plan_round(self, t):
+        """The RoundPlan of round t (fedsim/plan.py; no compute)."""
+        return plan_round(t, self.federations, self.method, list(self.tensors), client_fraction=self.fraction,
+                          local_steps=self.local_steps, batch_size=self.batch_size, dp=self.dp, device=self.device,
+                          dtype=self.dtype)
+
+    @torch.no_grad()
+    def begin_round(self, plan):
+        """Replicas take their federation's global state and their client's own client-local tensors; the
+        trained tensors require gradients."""
+        for name, g in self.global_state.items():
+            self.tensors[name].copy_(g.repeat_interleave(self.clients_per_round, 0))
+        self._load_client_state(plan)
+        for name, p in self.tensors.items():
+            p.requires_grad_(name in plan.trained)
+
+    def _replica_index(self, plan):
+        """(federation, client id) of every replica, as index tensors [R]."""
+        return (torch.tensor([f for f, _ in plan.client_ids], device=self.device),
+                torch.tensor([c for _, c in plan.client_ids], device=self.device))
+
+    def _load_client_state(self, plan):
+        """Each replica gets its client's own copy of the client-local tensors (the global value on first use)."""
+        feds, clients = self._replica_index(plan)
+        for name in plan.client_local:
+            if name not in self.client_state:
+                g = self.global_state[name]
+                self.client_state[name] = g[:, None].expand(g.shape[0], self.num_clients, *g.shape[1:]).clone()
+            self.tensors[name].copy_(self.client_state[name][feds, clients])
+
+    @torch.no_grad()
+    def _store_client_state(self, plan):
+        """The sampled clients keep what they trained; a failed federation's clients keep their last copy."""
+        feds, clients = self._replica_index(plan)
+        healthy = torch.tensor([f not in self.failed for f, _ in plan.client_ids], device=self.device)
+        for name in plan.client_local:
+            self.client_state[name][feds[healthy], clients[healthy]] = self.tensors[name].detach()[healthy]
 
     def layout(self):
         """What the method may read of the container (methods.base.Layout)."""
@@ -213,7 +232,10 @@ class FederatedEngine:
             frozen = torch.tensor(sorted(self.failed), device=self.device)
             self.global_state = {n: v.index_copy(0, frozen, last_finite[n][frozen]) for n, v in self.global_state.items()}
 
-    def _local_step(self, t, s, rs, rows, mask, client_ids, trainable, opt):
+    def local_step(self, plan, s, rs, opt):
+        """Local step s of the replicas rs (a chunk) of the plan's round; returns their mean losses [Rc]."""
+        t, rows, mask, client_ids, trainable = plan.round, plan.rows[rs, s], plan.masks[rs, s], plan.client_ids[rs], \
+            plan.trained
         st = self.stacked.state
         if self.dp is not None:   # drop padding slots no replica of this chunk uses (real samples come first)
             keep = max(1, int(mask.sum(1).max()))
@@ -261,8 +283,7 @@ class FederatedEngine:
                     self._fail(f, t, f"non-finite per-sample gradient in round {t + 1} (client {c}, local step {s + 1})")
                 buf.flat[broken] = 0.0                             # the federation is frozen; keep its lanes finite
                 buf.sq_norms[broken] = 0.0
-            expected = torch.tensor([self.dp.sample_rate * len(self.federations[i].partitions[c]) for i, c in client_ids],
-                                    device=self.device, dtype=self.dtype)
+            expected = plan.expected_batch[rs]
             keys = [(self.federations[i].seed, "noise", t, c, s) for i, c in client_ids]
             grouped = buf.groups is not None
             grads = buf.unflatten(clip_and_noise(buf.flat, self.clip[rs], self.sigma[rs], expected, keys,
@@ -283,25 +304,27 @@ class FederatedEngine:
             per_replica = (ce.detach() * mask).sum(1) / mask.sum(1).clamp(min=1)
         return per_replica.cpu()
 
-    def _aggregate(self, t, sampled, trainable):
+    def _aggregate(self, plan):
         num_federations, per_federation = len(self.federations), self.clients_per_round
-        sizes = torch.tensor([[len(f.partitions[c]) for c in cl] for f, cl in zip(self.federations, sampled)],
+        sizes = torch.tensor([[len(f.partitions[c]) for c in cl] for f, cl in zip(self.federations, plan.sampled)],
                              dtype=self.dtype, device=self.device)
         weights = sizes / sizes.sum(1, keepdim=True)
         clients = {n: self.tensors[n].detach().view(num_federations, per_federation, *self.tensors[n].shape[1:])
-                   for n in trainable if self.method.shared(n, t)}
-        self.global_state = self.method.aggregate(self.global_state, clients, weights, t)
+                   for n in plan.shared}
+        self.global_state = self.method.aggregate(self.global_state, clients, weights, plan.round)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
         """Everything a resumed run needs: randomness is keyed by round, optimizers reset every round."""
         return {"round": self.round_idx, "global": {k: v.cpu() for k, v in self.global_state.items()},
+                "client_state": {k: v.cpu() for k, v in self.client_state.items()},
                 "ledger": self.ledger.state_dict(), "method": self.method.state_dict(), "failed": self.failed}
 
     def load_state_dict(self, d):
         self.round_idx = d["round"]
         self.failed = {int(f): v for f, v in d.get("failed", {}).items()}
         self.global_state = {k: v.to(self.device) for k, v in d["global"].items()}
+        self.client_state = {k: v.to(self.device) for k, v in d.get("client_state", {}).items()}
         self.ledger = Ledger.from_state_dict(d["ledger"])
         self.method.load_state_dict(d["method"])
 

@@ -4,9 +4,10 @@ from methods.fedavg_lora import FedAvgLoRA
 from methods.ffa_lora import FFALoRA
 from methods.sa_fedlora import SAFedLoRA
 from methods.fedavg_fft import FedAvgFFT
+from methods.fedsa_lora import FedSALoRA
 from methods.slora import SLoRA
 
-METHODS = {m.name: m for m in (FedAvgLoRA, FedAvgFFT, SLoRA, FFALoRA, SAFedLoRA)}
+METHODS = {m.name: m for m in (FedAvgLoRA, FedAvgFFT, SLoRA, FFALoRA, SAFedLoRA, FedSALoRA)}
 
 
 def make_method(method_cfg: dict, lora_cfg: dict) -> Method:

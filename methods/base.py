@@ -6,8 +6,9 @@ are [F, m, *shape] (m sampled clients per federation) with weights [F, m] summin
 
 A method never touches the replica container: it reads a `Layout` (shapes, rank, each federation's LoRA
 scale) and its hooks return a `Change` (new global state, and a new rank, scales or sparse masks) that the
-engine applies. Per tensor and round it says what clients train (`trained`: those get gradients, clipping
-and noise) and what they send to the server to aggregate (`shared`: the upload, and the download).
+engine applies. Per tensor and round it says three things: do the clients train it (`trained`: gradients,
+clipping and noise), send it to the server to aggregate (`shared`: the upload, and the download), and keep
+their own copy between rounds (`client_local`: the engine stores it per client id, never averages it).
 """
 import math
 import typing
@@ -75,8 +76,13 @@ class Method:
 
     def shared(self, name, round_idx):
         """Is this tensor sent to the server and aggregated this round (upload and download)? Default: what is
-        trained. Tensors nobody trains are re-derived from the seed by every client, never sent."""
-        return self.trained(name, round_idx)
+        trained and not client-local. Tensors nobody trains are re-derived from the seed, never sent."""
+        return self.trained(name, round_idx) and not self.client_local(name, round_idx)
+
+    def client_local(self, name, round_idx):
+        """Does each client keep its own copy of this tensor between rounds? The engine stores it per client id
+        (every client starts from the initial global value) and never aggregates it."""
+        return False
 
     # --- hooks with defaults ----------------------------------------------------------------------
     def build_stacked(self, model, num_replicas, packed_tokens=True):

@@ -21,6 +21,7 @@ METHODS = {
     "ffa_lora": ({"name": "ffa_lora"}, 2e-3),
     "slora": ({"name": "slora", "stage1_rounds": 2, "density": 0.01}, 2e-3),
     "sa_fedlora": ({"name": "sa_fedlora", "init_rounds": 1, "anneal_rounds": 2, "cooling_rank": 2}, 2e-3),
+    "fedsa_lora": ({"name": "fedsa_lora"}, 2e-3),     # accuracy: the global model (A, head; B at zero)
 }
 TASKS = {
     "mnli": dict(task="mnli", num_clients=3, client_fraction=1.0, partition={"name": "dirichlet", "alpha": 0.5},

@@ -27,19 +27,19 @@ def test_choice_is_cached_and_leaves_the_run_unchanged(make_model, sst2_small, t
     for n, v in plain.global_state.items():
         assert torch.equal(eng.global_state[n], v), n              # measuring steps left no trace
     again = _engine(make_model, sst2_small)
-    monkeypatch.setattr(type(again), "_local_step", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured")))
+    monkeypatch.setattr(type(again), "local_step", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured")))
     assert choose_replica_chunk(again, 32, cache=cache) == chosen  # read from the cache, nothing timed
 
 
 def test_larger_chunks_are_skipped_once_the_rate_drops(make_model, sst2_small, tmp_path, monkeypatch):
     """Steps whose time grows as c^2 (rate ~ 1/c): after c = 2 runs at half the best rate, c = 4 is never timed."""
     eng = _engine(make_model, sst2_small)
-    step, sizes = type(eng)._local_step, []
+    step, sizes = type(eng).local_step, []
 
-    def slow(self, t, s, rs, *args):
+    def slow(self, plan, s, rs, opt):
         sizes.append(rs.stop - rs.start)
         time.sleep(0.05 * (rs.stop - rs.start) ** 2)
-        return step(self, t, s, rs, *args)
-    monkeypatch.setattr(type(eng), "_local_step", slow)
+        return step(self, plan, s, rs, opt)
+    monkeypatch.setattr(type(eng), "local_step", slow)
     assert choose_replica_chunk(eng, 32, cache=tmp_path / "chunk.json") == 1
     assert sizes == [1, 1, 2]                                        # warm-up, c = 1, c = 2; never c = 4

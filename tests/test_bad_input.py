@@ -49,7 +49,7 @@ def no_compute(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("compute started before the bad input was reported")
     monkeypatch.setattr(FederatedEngine, "run_round", refuse)
-    monkeypatch.setattr(FederatedEngine, "_local_step", refuse)
+    monkeypatch.setattr(FederatedEngine, "local_step", refuse)
 
 
 def corrupt_data_dir(tmp):

@@ -48,9 +48,10 @@ def _engine(make_model, data, feds, private, chunk, K=2):
 
 
 def _final_global(engine, rounds=2):
+    """The global tensors after `rounds` rounds, and every client-local tensor store (key `client:<name>`)."""
     for _ in range(rounds):
         engine.run_round()
-    return engine.global_state
+    return {**engine.global_state, **{f"client:{n}": v for n, v in engine.client_state.items()}}
 
 
 @pytest.mark.parametrize("key,private", CASES, ids=[f"{k}-{'dp' if p else 'nodp'}" for k, p in CASES])
@@ -80,8 +81,8 @@ def test_sweep_variants_share_clients_batches_and_masks(make_model, sst2_small):
     for private in (False, True):
         eng = _engine(make_model, sst2_small, feds, private, chunk=None)
         for t in range(3):
-            sampled = eng.sampled_clients(t)
-            rows, masks = eng._batches(t, sampled)
+            plan = eng.plan_round(t)
+            sampled, rows, masks = plan.sampled, plan.rows, plan.masks
             m = eng.clients_per_round
             assert (sampled[0] == sampled[1]).all() and (sampled[2] == sampled[3]).all()
             assert torch.equal(rows[:m], rows[m:2 * m]) and torch.equal(masks[:m], masks[m:2 * m])
@@ -110,6 +111,7 @@ METHODS = [
     {"name": "sa_fedlora", "init_rounds": 1, "anneal_rounds": 1, "cooling_rank": 2, "mu": 0.1},  # 3 rounds:
     # proximal term in round 1, rank 4 in round 2, truncated to rank 2 at the start of round 3
     {"name": "fedavg_fft"},
+    {"name": "fedsa_lora"},                                            # client-local B, stored per client id
 ]
 
 
@@ -129,6 +131,8 @@ def test_every_method_in_a_pass_equals_itself_alone(make_model, sst2_small, meth
     shared = _final_global(engine(feds), rounds)
     if method["name"] == "sa_fedlora":
         assert shared[next(n for n in shared if n.endswith("lora_A"))].shape[1] == 2     # truncation happened
+    if method["name"] == "fedsa_lora":
+        assert any(n.startswith("client:") for n in shared)                             # client stores compared
     for f, fed in enumerate(feds):
         solo = _final_global(engine([fed]), rounds)
         for name, tensor in solo.items():

@@ -151,8 +151,8 @@ def test_slora_with_dp_clips_sparse_and_head_jointly(make_model, sst2_small):
     eng = engine_for(method, make_model, sst2_small, parts, seeds=[1, 2], optimizer=dict(SGD, lr=lr), dp=dp,
                      sigmas=[0.0, 0.8])
     start = {k: v.clone() for k, v in eng.global_state.items()}
-    sampled = eng.sampled_clients(0)
-    _, masks = eng._batches(0, sampled)
+    plan = eng.plan_round(0)
+    sampled, masks = plan.sampled, plan.masks
     info = eng.run_round()
     assert all(torch.isfinite(torch.tensor(info["loss"])))
     names = list(start)                               # sparse values + head: all clipped as one vector
