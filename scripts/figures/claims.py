@@ -1,5 +1,4 @@
-"""Each seed paper's claim beside what the runs measured: numbers and a verdict (scripts/verdicts.py).
-"""
+"""Each seed paper's claim beside what the runs measured: numbers and a verdict (scripts/verdicts.py)."""
 from scripts.figures.families.heterogeneity import PEFT_METHOD
 from scripts.figures.load import num_labels, per_seed
 from scripts.figures.style import learned, partition_key, partition_name, privacy_order, tol

@@ -3,6 +3,7 @@ evaluated round, plus the setting and provenance lines the README prints. Reads 
 scripts.reproduce wrote (run.json, config.yaml, summary.json, metrics.jsonl, env.json).
 """
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -66,8 +67,15 @@ def status_line(run):
     return line
 
 
-def federation_frame(runs):
-    """One row per (run, federation) that finished: labels, variant keys, seed, final metrics, bytes."""
+def privacy_label(epsilon):
+    """'non-private' or 'ε=<target epsilon>'."""
+    return "non-private" if epsilon is None or (isinstance(epsilon, float) and math.isnan(epsilon)) \
+        else f"ε={epsilon:g}"
+
+
+def federation_frame(runs, privacy=False):
+    """One row per (run, federation) that finished: labels, variant keys, seed, final metrics, bytes; with
+    privacy=True also a `privacy` column (privacy_label of its target epsilon)."""
     rows = []
     for r in runs:
         s, cfg = r["summary"], r["cfg"]
@@ -92,7 +100,10 @@ def federation_frame(runs):
                 if k != "name":
                     row[f"method.{k}"] = v
             rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if privacy and len(df):
+        df["privacy"] = [privacy_label(e) for e in df["epsilon"]]
+    return df
 
 
 def curve_frame(runs):

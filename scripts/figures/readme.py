@@ -1,5 +1,4 @@
-"""results/README.md, the tuning tables and the partition heatmaps.
-"""
+"""results/README.md, the tuning tables and the partition heatmaps."""
 import hashlib
 import json
 import shutil

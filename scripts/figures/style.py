@@ -112,11 +112,6 @@ def learned(mean, chance):
     return mean > chance + 0.05
 
 
-def privacy_label(row):
-    eps = row.get("epsilon")
-    return "non-private" if eps is None or (isinstance(eps, float) and math.isnan(eps)) else f"ε={eps:g}"
-
-
 def privacy_order(levels):
     def key(s):
         return (0, 0) if s == "non-private" else (1, -float(s.split("=")[1]))

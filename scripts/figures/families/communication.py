@@ -1,5 +1,4 @@
-"""Accuracy vs uploaded bytes over another family's runs, and the upload needed to reach a target accuracy.
-"""
+"""Accuracy vs uploaded bytes over another family's runs, and the upload needed to reach a target accuracy."""
 import matplotlib.pyplot as plt
 import pandas as pd
 

@@ -1,5 +1,4 @@
-"""DP recipe ablation: FFA-LoRA vs FedAvg-LoRA under each DP recipe at one ε, beside the FFA table's recipe.
-"""
+"""DP recipe ablation: FFA-LoRA vs FedAvg-LoRA under each DP recipe at one ε, beside the FFA table's recipe."""
 import numpy as np
 import pandas as pd
 

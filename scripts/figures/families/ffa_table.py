@@ -1,19 +1,18 @@
-"""FFA-LoRA's table: accuracy by method and privacy level, FFA − FedAvg per level.
-"""
+"""FFA-LoRA's table: accuracy by method and privacy level, FFA − FedAvg per level."""
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, num_labels, primary_split
-from scripts.figures.style import METHOD_LABEL, errorbar, fmt_pct, learned, methods_present, privacy_label, privacy_order, within_spread
+from scripts.figures.style import (METHOD_LABEL, errorbar, fmt_pct, learned, methods_present, privacy_order,
+                                   within_spread)
 
 
 @register("ffa_table")
 def family_ffa_table(w, runs, ctx):
-    df = federation_frame(runs)
+    df = federation_frame(runs, privacy=True)
     if df.empty:
         return
-    df["privacy"] = [privacy_label(r) for r in df.to_dict("records")]
     a = agg(df, ["task", "method", "privacy"])
     a["chance"] = [1.0 / num_labels(t) for t in a["task"]]
     levels = privacy_order(a["privacy"])

@@ -1,11 +1,11 @@
-"""Accuracy vs label skew per task, and SLoRA's gap of PEFT (LoRA) to full fine-tuning by skew.
-"""
+"""Accuracy vs label skew per task, and SLoRA's gap of PEFT (LoRA) to full fine-tuning by skew."""
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, num_labels, primary_split
-from scripts.figures.style import METHOD_LABEL, errorbar, fmt_pct, learned, methods_present, partition_key, partition_name, within_spread
+from scripts.figures.style import (METHOD_LABEL, errorbar, fmt_pct, learned, methods_present, partition_key,
+                                   partition_name, within_spread)
 
 
 PEFT_METHOD = "fedavg_lora"       # the PEFT side of the SLoRA paper's gap claim (plain LoRA; SLoRA is its fix)

@@ -1,5 +1,4 @@
-"""SLoRA's stage-1 density and length sweeps beside FedAvg-FFT / FedAvg-LoRA references at the same setting.
-"""
+"""SLoRA's stage-1 density and length sweeps beside FedAvg-FFT / FedAvg-LoRA references at the same setting."""
 import json
 
 import matplotlib.pyplot as plt

@@ -1,11 +1,10 @@
-"""Sensitivity sweeps: accuracy vs the LoRA scaling α and vs the LoRA rank (with upload per round).
-"""
+"""Sensitivity sweeps: accuracy vs the LoRA scaling α and vs the LoRA rank (with upload per round)."""
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, num_labels, primary_split
-from scripts.figures.style import METHOD_LABEL, errorbar, fmt_pct, learned, methods_present, privacy_label
+from scripts.figures.style import METHOD_LABEL, errorbar, fmt_pct, learned, methods_present
 
 
 def _accuracy_panels(axes, groups, key, xs, xlabel):
@@ -24,10 +23,9 @@ def _accuracy_panels(axes, groups, key, xs, xlabel):
 
 @register("alpha")
 def family_alpha(w, runs, ctx):
-    df = federation_frame(runs)
+    df = federation_frame(runs, privacy=True)
     if df.empty:
         return
-    df["privacy"] = [privacy_label(r) for r in df.to_dict("records")]
     a = agg(df, ["task", "privacy", "method", "lora.alpha"])
     alphas = sorted(a["lora.alpha"].unique())
     disp_rows, raw, ranges = [], [], []
@@ -57,10 +55,9 @@ def family_alpha(w, runs, ctx):
 
 @register("rank")
 def family_rank(w, runs, ctx):
-    df = federation_frame(runs)
+    df = federation_frame(runs, privacy=True)
     if df.empty:
         return
-    df["privacy"] = [privacy_label(r) for r in df.to_dict("records")]
     df["rank"] = df["lora_rank"]
     rounds = {r["name"]: r["cfg"]["rounds"] for r in runs if r["cfg"]}
     df["up_MB_per_round"] = [m / rounds[n] for m, n in zip(df["cum_up_MB"], df["run"])]
