@@ -26,7 +26,7 @@ from fedsim.autochunk import choose_replica_chunk
 from fedsim.dp import max_poisson_batch, noise_multiplier_for
 from fedsim.engine import DPSetup, Federation, build_engine
 from fedsim.reference import ReferenceConfig, build_model
-from fedsim.run import environment
+from fedsim.provenance import environment
 from methods import make_method
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "bench"

@@ -34,7 +34,7 @@ from fedsim.autochunk import choose_replica_chunk
 from fedsim.engine import Federation, build_engine
 from fedsim.models import load_backbone
 from fedsim.reference import ReferenceConfig, build_model, run_reference
-from fedsim.run import environment
+from fedsim.provenance import environment
 from fedsim.sampling import fixed_batches
 from fedsim.tasks import load_tokenized
 from methods import make_method

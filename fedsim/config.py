@@ -20,6 +20,7 @@ DEFAULTS = {
     "padding": "longest",        # or max_length
     "train_subsample": None,     # rows of the train split (deterministic) for quick runs
     "dev_fraction": 0.0,         # hold out this share of the training rows as split "dev" (tuning), never trained on; the run is then scored on dev only
+    "personal_eval_fraction": 0.0,  # hold out this share of each client's rows to score its own model (personalized accuracy)
     "eval_subsample": 1000,
     "eval_splits": None,         # evaluation splits by metric name (mnli: [matched]); None = all of the task's
     "strip_metadata": False,     # 20 Newsgroups: drop headers/footers/quotes like scikit-learn
@@ -60,7 +61,7 @@ RESULT_NEUTRAL = ("device", "replica_chunk", "eval_batch_size", "dp.max_batch_fa
 # module names or one string such as "all-linear".
 TYPES = {
     "task": "str", "data_dir": "str?", "max_length": "int", "padding": "str", "train_subsample": "int?",
-    "eval_subsample": "int?", "eval_splits": "strs?", "dev_fraction": "float", "strip_metadata": "bool", "model": "str", "num_hidden_layers": "int?", "pooling": "str",
+    "eval_subsample": "int?", "eval_splits": "strs?", "dev_fraction": "float", "personal_eval_fraction": "float", "strip_metadata": "bool", "model": "str", "num_hidden_layers": "int?", "pooling": "str",
     "num_clients": "int", "client_fraction": "float", "rounds": "int", "local_steps": "int",
     "batch_size": "int", "eval_every": "int", "eval_batch_size": "int",
     "lora.rank": "int", "lora.alpha": "float", "lora.targets": "targets",
@@ -339,6 +340,9 @@ def _check_values(cfg):
     need(opt["eps"] > 0, f"optimizer.eps must be > 0 (got {opt['eps']}); AdamW's default is 1e-8")
     need(all(0 <= b < 1 for b in opt["betas"]), f"optimizer.betas must be in [0, 1) (got {opt['betas']}); "
          "AdamW's default is [0.9, 0.999]")
+    need(0 <= cfg["personal_eval_fraction"] < 0.5, f"personal_eval_fraction must be in [0, 0.5) (got "
+                                                    f"{cfg['personal_eval_fraction']}); e.g. 0.2 holds out a fifth "
+                                                    f"of each client's rows to score its own model")
     need(0 <= cfg["dev_fraction"] < 0.5, f"dev_fraction must be in [0, 0.5) (got {cfg['dev_fraction']}); it is the "
                                           f"share of training rows held out for tuning, e.g. 0.15")
     need(cfg["pooling"] in ("auto", "mean", "cls"), f"pooling must be auto, mean or cls (got {cfg['pooling']!r}); "

@@ -20,7 +20,8 @@ from fedsim.grads import GradBuffer
 from fedsim.ledger import Ledger
 from fedsim.optim import make_optimizer
 from fedsim.packed import MAX_LENGTH_GROUPS, length_groups, pack
-from fedsim.plan import plan_round
+from fedsim.evaluation import global_accuracy, personal_accuracy
+from fedsim.plan import index_rows, plan_round
 from fedsim.sampling import clients_per_round
 
 
@@ -40,6 +41,7 @@ class Federation:
     partitions: list = field(default_factory=list)     # index arrays, one per client
     max_grad_norm: float | None = None                  # DP clip norm C; None = DPSetup's
     variant: dict = field(default_factory=dict)         # its sweep values ({} outside a sweep), as reported
+    personal_eval: list = field(default_factory=list)   # per client: rows held out of its data (evaluate_personal)
 
 
 @dataclass
@@ -48,11 +50,6 @@ class DPSetup:
     sample_rate: float              # Poisson q, the same for every client
     max_batch: int                  # static padded batch
     head_share: float | None = None  # per-group clipping: the head's share of C^2 (None: joint clipping)
-
-
-def _index_rows(data, rows, device):
-    return {k: v[rows].to(device, non_blocking=True) for k, v in data.items() if k != "labels"}, \
-        data["labels"][rows].to(device)
 
 
 def _trim(inputs):
@@ -261,7 +258,7 @@ class FederatedEngine:
         ce_parts = []
         for group in groups:
             st.select(slots[group.to(self.device)], Rc * b)
-            inputs, labels = _index_rows(self.train, run_rows[group], self.device)
+            inputs, labels = index_rows(self.train, run_rows[group], self.device)
             with self._autocast():
                 logits = self._forward(inputs)
             ce_parts.append(F.cross_entropy(logits.to(self.dtype), labels, reduction="none"))  # bf16 -> fp32
@@ -329,40 +326,13 @@ class FederatedEngine:
         self.method.load_state_dict(d["method"])
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self):
         """Accuracy of each federation's global model on every eval split: {split: [F accuracies]}."""
-        F_ = len(self.federations)
-        for name, g in self.global_state.items():          # replicas 0..F-1 hold the global models
-            self.tensors[name][:F_].copy_(g)
-        for layer in self.stacked.lora.values():           # ... with their federation's LoRA scale
-            layer.scale[:F_] = layer.scale[::self.clients_per_round].clone()
-        st = self.stacked.state
-        st.buffer = None
-        # as many federations per forward as a training chunk holds whole ones (at least one): with chunks
-        # inside a federation, each federation is evaluated alone, exactly as in its solo run
-        per_pass = max(1, self.chunk // self.clients_per_round)
-        out = {}
-        for split, data in self.eval_sets.items():
-            correct = torch.zeros(F_)
-            n = len(data["labels"])
-            by_length = data["attention_mask"].sum(1).argsort(stable=True)   # batches of similar length: less padding
-            for f0 in range(0, F_, per_pass):
-                fs = slice(f0, min(f0 + per_pass, F_))
-                st.active = fs
-                for i in range(0, n, self.eval_batch_size):
-                    idx = by_length[i: i + self.eval_batch_size]
-                    rows = idx.repeat(fs.stop - fs.start)         # every federation sees the same rows
-                    inputs, labels = _index_rows(data, rows, self.device)
-                    st.select(None, None)
-                    with self._autocast():
-                        logits = self._forward(inputs)
-                    correct[fs] += (logits.argmax(-1) == labels).view(fs.stop - fs.start, -1).sum(1).float().cpu()
-            out[split] = (correct / n).tolist()
-        st.select(None, None)
-        for layer in self.stacked.lora.values():
-            layer.scale.copy_(layer.scale[:F_].repeat_interleave(self.clients_per_round))
-        return out
+        return global_accuracy(self)
+
+    def evaluate_personal(self):
+        """Each client's own model on its held-out rows (fedsim.evaluation.personal_accuracy), or None."""
+        return personal_accuracy(self)
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

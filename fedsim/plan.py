@@ -53,3 +53,9 @@ def plan_round(t, federations, method, tensor_names, *, client_fraction, local_s
                      masks=torch.from_numpy(np.stack(masks)), trained=[n for n in tensor_names if method.trained(n, t)],
                      shared=[n for n in tensor_names if method.shared(n, t)],
                      client_local=[n for n in tensor_names if method.client_local(n, t)], expected_batch=expected)
+
+
+def index_rows(data, rows, device):
+    """(inputs without labels, labels) of the given dataset rows, on `device`."""
+    return {k: v[rows].to(device, non_blocking=True) for k, v in data.items() if k != "labels"}, \
+        data["labels"][rows].to(device)

@@ -19,9 +19,6 @@ Trust rules:
 import argparse
 import io
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,9 +32,9 @@ from fedsim.config import config_diff, config_hash, federations, load_config, pa
 from fedsim.autochunk import choose_replica_chunk
 from fedsim.engine import DPSetup, Federation, build_engine
 from fedsim.files import atomic_write
+from fedsim.provenance import cpu_has_native_bf16, environment
 from fedsim.sampling import PoissonOverflowError
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 # Files that scripts/reproduce writes into a run directory before the run starts.
@@ -57,44 +54,6 @@ def resolve_device(name):
     return torch.device(name)
 
 
-def cpu_has_native_bf16():
-    """True where /proc/cpuinfo lists AVX512-BF16 or AMX-BF16 (Linux); None where it cannot tell."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def environment(device):
-    import importlib.metadata as md
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                    capture_output=True, text=True).stdout.strip())
-    except OSError:
-        commit, dirty = None, None
-    libs = {}
-    for pkg in ("torch", "transformers", "datasets", "peft", "opacus", "triton", "numpy", "pandas"):
-        try:
-            libs[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"git_commit": commit, "git_dirty": dirty, "device": str(device), "device_name": dev,
-            "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "libraries": libs}
-
-
-def dev_split(num_rows, dev_fraction):
-    """(train rows sorted, dev rows in random order): round(dev_fraction * num_rows) rows held out by a
-    fixed key (the same for every seed and variant, so tuning compares every candidate on the same rows).
-    Evaluation reads the first eval_subsample dev rows: a random subset of the held-out rows."""
-    from fedsim.rng import numpy_rng
-    n_dev = int(round(dev_fraction * num_rows))
-    perm = numpy_rng("dev split", num_rows).permutation(num_rows)
-    return np.sort(perm[n_dev:]), perm[:n_dev]
-
-
 class Experiment:
     """Everything built from a config, validated before compute."""
 
@@ -103,7 +62,7 @@ class Experiment:
         from fedsim.models import resolve_pooling
         from fedsim.tasks import get_task, load_split
         from methods import make_method
-        from partitions import make_partition
+        from partitions import dev_split, hold_out, make_partition
 
         self.cfg = cfg
         self.task = get_task(cfg["task"])
@@ -120,12 +79,12 @@ class Experiment:
         pname = pcfg.pop("name")
         self.federations = []
         for seed, variant in federations(cfg):      # clients split the training rows (dev rows excluded)
-            parts = [self.train_rows[p] for p in
-                     make_partition(pname, labels[self.train_rows], cfg["num_clients"], seed, **pcfg)]
+            parts, held = hold_out([self.train_rows[p] for p in make_partition(
+                pname, labels[self.train_rows], cfg["num_clients"], seed, **pcfg)], cfg["personal_eval_fraction"], seed)
             self.federations.append(Federation(seed=seed, lr=variant.get("optimizer.lr", cfg["optimizer"]["lr"]),
-                                        lora_alpha=variant.get("lora.alpha", cfg["lora"]["alpha"]),
-                                        max_grad_norm=variant.get("dp.max_grad_norm"), partitions=parts,
-                                        variant=variant))
+                                               lora_alpha=variant.get("lora.alpha", cfg["lora"]["alpha"]),
+                                               max_grad_norm=variant.get("dp.max_grad_norm"), partitions=parts,
+                                               variant=variant, personal_eval=held))
         self.dp, self.epsilons = None, [None] * len(self.federations)
         dp = cfg["dp"]
         eps_list = [v.get("dp.epsilon", dp["epsilon"]) for _, v in federations(cfg)]
@@ -253,6 +212,9 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
             raise _overflow(e, cfg, engine) from e
         evaluated = (t + 1) % cfg["eval_every"] == 0 or t + 1 == rounds
         acc = engine.evaluate() if evaluated else {}
+        personal = engine.evaluate_personal() if evaluated else None    # None without held-out client rows
+        if personal:
+            acc["personal"] = personal[0]
         wall += time.perf_counter() - t0
         for i, f in enumerate(exp.federations):
             if i in engine.failed and i not in info["failed"]:
@@ -265,6 +227,8 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
                 rec.update({f"acc_{k}": None for k in exp.eval_splits})
             else:
                 rec.update({f"acc_{k}": v[i] for k, v in acc.items()})
+                if personal:
+                    rec["personal_per_client"] = personal[1][i]
             records.append(rec)
         healthy = [i for i in range(len(exp.federations)) if i not in engine.failed]
         bar.set_postfix(loss=f"{np.mean([info['loss'][i] for i in healthy]):.3f}" if healthy else "-",
@@ -338,6 +302,8 @@ def summarize(exp, engine, records, wall):
                      cum_up_bytes=mine[-1]["cum_up_bytes"] if mine else 0)
         if failure:
             entry["failure"] = dict(failure)
+        elif last.get("personal_per_client") is not None:       # each client's own model on its held-out rows
+            entry["final_personal_per_client"] = last["personal_per_client"]
         if exp.dp is not None:
             entry.update(noise_multiplier=f.noise_multiplier, target_epsilon=exp.epsilons[i],
                          epsilon_spent=epsilon_spent(f.noise_multiplier, exp.dp.sample_rate, exp.steps_per_client,

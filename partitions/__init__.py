@@ -192,3 +192,27 @@ def make_partition(name: str, labels, num_clients, seed=0, **params) -> list:
     """Partition by registry name, e.g. make_partition("dirichlet", y, 10, 0, alpha=0.1)."""
     key = validate(name, num_clients, seed, **params)
     return PARTITIONS[key](labels, num_clients, seed=seed, **params)
+
+
+def hold_out(parts, fraction, seed):
+    """Split every client's rows into (train, held out): round(fraction x its rows) drawn from a generator keyed
+    by the seed and the client, at most all but one row (a client always trains). Returns (train parts, held-out
+    parts), each a list of sorted index arrays; fraction 0 holds out nothing. The held-out rows score each
+    client's own model (personalized accuracy)."""
+    train, held = [], []
+    for c, part in enumerate(parts):
+        part = np.asarray(part)
+        n = min(int(round(fraction * len(part))), max(len(part) - 1, 0))
+        order = numpy_rng(seed, "personal_eval", c).permutation(len(part))
+        held.append(np.sort(part[order[:n]]))
+        train.append(np.sort(part[order[n:]]))
+    return train, held
+
+
+def dev_split(num_rows, dev_fraction):
+    """(train rows sorted, dev rows in random order): round(dev_fraction * num_rows) rows held out by a
+    fixed key (the same for every seed and variant, so tuning compares every candidate on the same rows).
+    Evaluation reads the first eval_subsample dev rows: a random subset of the held-out rows."""
+    n_dev = int(round(dev_fraction * num_rows))
+    perm = numpy_rng("dev split", num_rows).permutation(num_rows)
+    return np.sort(perm[n_dev:]), perm[:n_dev]

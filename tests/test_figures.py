@@ -1,4 +1,5 @@
-"""Rendering of one family from small synthetic runs (no training): what the DP-recipe table compares."""
+"""Rendering from small synthetic runs and tables (no training): DP-recipe table, claim verdicts, bytes to target."""
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -32,3 +33,40 @@ def test_dp_recipe_sets_each_recipe_beside_the_ffa_table_cells_at_the_same_epsil
     assert diff.loc["head_split", "mean"] == pytest.approx(0.1033333, abs=1e-6)   # paired by seed
     assert diff.loc["head_split", "verdict"] == "reproduced"
     assert diff.loc[RECIPE_REFERENCE, "n"] == 3
+
+
+# ---------------------------------------------------------------------------------------------- claims
+
+def _ffa_ctx(ffa, fedavg, eps=1.0):
+    """The ctx the FFA table leaves for the claims: per-seed accuracies of both methods, non-private and at eps."""
+    from scripts.figures.load import agg
+    rows = [dict(task="sst2", method=m, privacy=p, seed=s, acc=acc)
+            for m, accs in (("ffa_lora", ffa), ("fedavg_lora", fedavg))
+            for p, shift in (("non-private", 0.05), (f"ε={eps:g}", 0.0)) for s, acc in enumerate(accs)
+            for acc in [acc + shift]]
+    seeds = pd.DataFrame(rows)
+    return {"ffa_table": agg(seeds, ["task", "method", "privacy"]), "ffa_table_seeds": seeds}
+
+
+@pytest.mark.parametrize("ffa,fedavg,verdict", [
+    ([0.80, 0.82, 0.81], [0.70, 0.71, 0.69], "reproduced"),                 # +11 points, tight: decided
+    ([0.70, 0.71, 0.69], [0.80, 0.82, 0.81], "refuted"),                    # the other way
+    ([0.80, 0.60, 0.75], [0.70, 0.72, 0.69], "underpowered"),               # +1 point, seeds disagree
+    ([0.51, 0.52, 0.50], [0.50, 0.49, 0.51], "inconclusive (both at chance)"),   # SST-2 chance is 50%
+])
+def test_ffa_claim_verdict_from_paired_seeds(ffa, fedavg, verdict):
+    from scripts.figures.claims import claims
+    rows = claims(_ffa_ctx(ffa, fedavg))
+    (paper, _, family, got, numbers), = rows
+    assert (paper, family, got) == ("FFA-LoRA", "ffa_table", verdict)
+    assert "ε=1" in numbers
+
+
+def test_bytes_to_target_is_the_upload_when_accuracy_first_reaches_it():
+    from scripts.figures.families.communication import bytes_to_target
+    curves = pd.DataFrame([dict(run="r", federation=f, method="m", round=t, acc=acc, cum_up_MB=10.0 * t)
+                           for f, accs in ((0, [0.5, 0.8, 0.7, 0.9]), (1, [0.5, 0.6, 0.7, 0.75]))
+                           for t, acc in enumerate(accs, start=1)])
+    got = bytes_to_target(curves.sample(frac=1.0, random_state=0), target=0.8).set_index("federation")["MB"]
+    assert got[0] == 20.0                     # first reached in round 2, though it dips afterwards
+    assert np.isnan(got[1])                   # never reached

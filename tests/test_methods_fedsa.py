@@ -96,3 +96,46 @@ def test_fedsa_local_head_keeps_the_head_on_the_client(local_head):
     assert m.shared("classifier.weight", 0) != local_head
     with pytest.raises(ValueError, match="unknown parameter"):
         make_method({"name": "fedsa_lora", "share_b": True}, LORA)
+
+
+def test_personal_accuracy_scores_each_client_own_model_on_its_held_out_rows(make_model, sst2_small):
+    """evaluate_personal runs every client's model (global A and head, its own B) side by side; each client's
+    accuracy equals a plain padded forward of that one model on that client's held-out rows. FedAvg-LoRA's
+    clients all hold the global model, so there it is the global model's accuracy on the same rows."""
+    from partitions import hold_out
+    parts = dirichlet_label_skew(sst2_small["labels"].numpy(), NUM_CLIENTS, alpha=1.0, seed=SEED)
+    train, held = hold_out(parts, 0.25, SEED)
+    assert all(len(h) > 0 for h in held) and not any(set(a) & set(b) for a, b in zip(train, held))
+    assert sorted(set().union(*map(set, train), *map(set, held))) == sorted(set().union(*map(set, parts)))
+    for name in ("fedsa_lora", "fedavg_lora"):
+        feds = [Federation(seed=s, lr=SGD["lr"], lora_alpha=a, partitions=train, personal_eval=held)
+                for s, a in ((SEED, 8.0), (SEED + 1, 32.0))]                 # two federations, two LoRA scales
+        eng = build_engine(make_method({"name": name}, LORA), make_model(), sst2_small, feds, local_steps=2,
+                           batch_size=4, client_fraction=FRACTION, optimizer=SGD, replica_chunk=2)
+        eng.eval_batch_size = 7                                              # several blocks per client
+        for _ in range(2):
+            eng.run_round()
+        gen = torch.Generator().manual_seed(0)     # two rounds leave B tiny and the head near its bias: make
+        for n in [n for n in eng.global_state if n.endswith(".lora_B")] + ["classifier.weight"]:   # them matter
+            store = eng.client_state if n in eng.client_state else eng.global_state
+            store[n] = 0.3 * torch.randn(store[n].shape, generator=gen)
+        overall, each = eng.evaluate_personal()
+        st = eng.stacked.state
+        hits, total = torch.zeros(2), torch.zeros(2)
+        with torch.no_grad():
+            for f in range(2):
+                for c in range(NUM_CLIENTS):
+                    for n, g in eng.global_state.items():
+                        eng.tensors[n][0] = eng.client_state[n][f, c] if n in eng.client_state else g[f]
+                    for layer in eng.stacked.lora.values():
+                        layer.scale[0] = feds[f].lora_alpha / LORA["rank"]
+                    st.active = slice(0, 1)
+                    rows = torch.as_tensor(held[c])
+                    logits = eng.stacked(**{k: v[rows] for k, v in sst2_small.items() if k != "labels"})
+                    right = (logits.argmax(-1) == sst2_small["labels"][rows]).float()
+                    assert each[f][c] == pytest.approx(right.mean().item(), abs=1e-6), (name, f, c)
+                    hits[f] += right.sum()
+                    total[f] += len(rows)
+        assert overall == pytest.approx((hits / total).tolist(), abs=1e-6)
+        if name == "fedsa_lora":         # the clients' own B change what they predict
+            assert len({round(x, 6) for f in range(2) for x in each[f]}) > 2
