@@ -238,16 +238,15 @@ class FederatedEngine:
             keep = max(1, int(mask.sum(1).max()))
             rows, mask = rows[:, :keep], mask[:, :keep]
         Rc, b = rows.shape
-        st.active, st.batch_size = rs, b
+        per_sample = self.dp is not None
+        specs = [(n, tuple(self.tensors[n].shape[1:])) for n in trainable]
+        st.begin_pass(rs, b, GradBuffer(specs, Rc, b, per_sample, self.device, self.dtype, head_names=self.head_names,
+                                        head_share=self.dp.head_share if per_sample else None))
         real = mask.reshape(-1)                        # on the CPU, like rows
         mask = mask.to(self.device)
         st.pack(mask)                                  # ragged Poisson batches: the backbone runs real rows only
         run_rows = rows.reshape(-1) if st.slots is None else rows.reshape(-1)[real]
         slots = st.slots if st.slots is not None else torch.arange(Rc * b, device=self.device)
-        per_sample = self.dp is not None
-        specs = [(n, tuple(self.tensors[n].shape[1:])) for n in trainable]
-        st.buffer = GradBuffer(specs, Rc, b, per_sample, self.device, self.dtype, head_names=self.head_names,
-                               head_share=self.dp.head_share if per_sample else None)
         # packed tokens: one pass of real tokens. Otherwise the rows run as a few passes grouped by length, one
         # backward for all (containers that run every slot in each pass, like full fine-tuning's vmap, take one)
         if self._packed_tokens():
@@ -269,8 +268,7 @@ class FederatedEngine:
         else:
             loss = ce.mean(1).sum()
         loss.backward()
-        buf, st.buffer = st.buffer, None
-        st.pack(None)
+        buf = st.end_pass()
         if per_sample:
             from fedsim.dp import clip_and_noise
             broken = ~torch.isfinite(buf.sq_norms).all(1)         # [Rc]: clipping would hide an inf as a 0

@@ -16,7 +16,6 @@ def global_accuracy(engine):
     for layer in engine.stacked.lora.values():           # ... with their federation's LoRA scale
         layer.scale[:F_] = layer.scale[::engine.clients_per_round].clone()
     st = engine.stacked.state
-    st.buffer = None
     # as many federations per forward as a training chunk holds whole ones (at least one): with chunks
     # inside a federation, each federation is evaluated alone, exactly as in its solo run
     per_pass = max(1, engine.chunk // engine.clients_per_round)
@@ -27,7 +26,7 @@ def global_accuracy(engine):
         by_length = data["attention_mask"].sum(1).argsort(stable=True)   # batches of similar length: less padding
         for f0 in range(0, F_, per_pass):
             fs = slice(f0, min(f0 + per_pass, F_))
-            st.active = fs
+            st.begin_pass(fs)
             for i in range(0, n, engine.eval_batch_size):
                 idx = by_length[i: i + engine.eval_batch_size]
                 rows = idx.repeat(fs.stop - fs.start)         # every federation sees the same rows
@@ -37,10 +36,11 @@ def global_accuracy(engine):
                     logits = engine._forward(inputs)
                 correct[fs] += (logits.argmax(-1) == labels).view(fs.stop - fs.start, -1).sum(1).float().cpu()
         out[split] = (correct / n).tolist()
-    st.select(None, None)
+    st.end_pass()
     for layer in engine.stacked.lora.values():
         layer.scale.copy_(layer.scale[:F_].repeat_interleave(engine.clients_per_round))
     return out
+
 
 @torch.no_grad()
 def personal_accuracy(engine):
@@ -53,7 +53,6 @@ def personal_accuracy(engine):
     if not pairs:
         return None
     st, per_client = engine.stacked.state, engine.clients_per_round
-    st.buffer = None
     scales = [layer.scale.clone() for layer in engine.stacked.lora.values()]
     correct = torch.zeros(len(engine.federations), engine.num_clients)
     total = torch.zeros_like(correct)
@@ -68,7 +67,7 @@ def personal_accuracy(engine):
                 p[:len(group)] = engine.global_state[name][feds]
         for layer, scale in zip(engine.stacked.lora.values(), scales):
             layer.scale[:len(group)] = scale[feds * per_client]          # each slot its federation's scale
-        st.active = slice(0, len(group))
+        st.begin_pass(slice(0, len(group)))
         held = [torch.as_tensor(engine.federations[f].personal_eval[c]) for f, c in group]
         for j in range(0, max(map(len, held)), engine.eval_batch_size):
             block = [h[j:j + engine.eval_batch_size] for h in held]
@@ -83,7 +82,7 @@ def personal_accuracy(engine):
             where = (feds.cpu()[slots // b], clients.cpu()[slots // b])        # each row's (federation, client)
             correct.index_put_(where, hits, accumulate=True)
             total.index_put_(where, torch.ones_like(hits), accumulate=True)
-    st.select(None, None)
+    st.end_pass()
     for layer, scale in zip(engine.stacked.lora.values(), scales):
         layer.scale.copy_(scale)
     overall = (correct.sum(1) / total.sum(1).clamp(min=1)).tolist()

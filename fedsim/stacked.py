@@ -21,7 +21,7 @@ from fedsim.packed import TokenLayout, packed_logits, supports_packed
 
 class _StackedState:
     """Shared by all stacked layers of one model: the active replica chunk, the grad buffer, batch size,
-    and the packing of a ragged batch.
+    and the packing of a ragged batch. The engine sets the first three together (begin_pass / end_pass).
 
     A pass normally runs Rc*b replica-major rows. When replicas hold fewer real samples than b (Poisson
     batches), the pass runs only the N real rows ("packed"): the frozen backbone, the bulk of the compute,
@@ -40,6 +40,19 @@ class _StackedState:
         self.slots = None
         self.num_slots = None
         self.tokens = None          # packed tokens: a fedsim.packed.TokenLayout (select_tokens)
+
+    def begin_pass(self, active, batch_size=None, buffer=None):
+        """Start a step's passes (or an evaluation's): the replica chunk `active`, rows per replica (the
+        per-sample gradient layout), where gradients go (a GradBuffer; None when nothing is trained), every row
+        selected. The one way the engine sets up the layers; select / pack / select_tokens then pick rows."""
+        self.active, self.batch_size, self.buffer = active, batch_size, buffer
+        self.slots = self.num_slots = self.tokens = None
+
+    def end_pass(self):
+        """Back to no pass; returns the pass's GradBuffer (None if it had none)."""
+        buffer, self.buffer = self.buffer, None
+        self.batch_size = self.slots = self.num_slots = self.tokens = None
+        return buffer
 
     def pack(self, mask):
         """Run only the rows where mask [Rc, b] is True (None, all or none True: every row)."""
