@@ -43,8 +43,9 @@ class Layout:
 class Change:
     """What a hook asks the engine to do. global_state: the new global tensors {name: [F, *shape]}; rank: resize
     every adapter to this rank (values come from global_state); scales [F]: each federation's new LoRA scale;
-    sparse: {target: (rows, cols)} attaches a zero sparse delta at those positions of each listed target's
-    frozen weight (kept if already there), {} drops every sparse delta. None leaves a thing as it is."""
+    sparse: {target: (rows, cols)} gives each listed target a zero sparse delta at those positions of its frozen
+    weight (kept if it has one) and drops the delta of every target not listed ({}: drops them all). None
+    leaves a thing as it is."""
     global_state: dict
     rank: int | None = None
     scales: torch.Tensor | None = None
