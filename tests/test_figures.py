@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from scripts.figures.families.dp_recipe import RECIPE_REFERENCE, family_dp_recipe
+from scripts.figures.results import Context, FFATable
 from scripts.figures.style import Writer
 
 
@@ -23,7 +24,7 @@ def test_dp_recipe_sets_each_recipe_beside_the_ffa_table_cells_at_the_same_epsil
                           for e, shift in ((1.0, 0.0), (3.0, 0.2))          # ε=3 must not leak into the ε=1 column
                           for s, acc in enumerate([base + shift, base + shift + 0.01, base + shift + 0.03])])
     w = Writer(tmp_path, "dp_recipe", "quick")
-    family_dp_recipe(w, runs, {"ffa_table_seeds": table})
+    family_dp_recipe(w, runs, Context(tmp_path, "quick", {"ffa_table": FFATable(cells=None, seeds=table)}))
     acc = pd.read_csv(tmp_path / "dp_recipe" / "quick" / "tables" / "accuracy.csv")
     ref = acc[acc.recipe == RECIPE_REFERENCE].set_index("method")["mean"]
     assert ref["fedavg_lora"] == pytest.approx(0.6133333, abs=1e-6)
@@ -37,15 +38,15 @@ def test_dp_recipe_sets_each_recipe_beside_the_ffa_table_cells_at_the_same_epsil
 
 # ---------------------------------------------------------------------------------------------- claims
 
-def _ffa_ctx(ffa, fedavg, eps=1.0):
-    """The ctx the FFA table leaves for the claims: per-seed accuracies of both methods, non-private and at eps."""
+def _ffa_results(ffa, fedavg, eps=1.0):
+    """The FFA table's typed result the claims read: per-seed accuracies of both methods, non-private and at eps."""
     from scripts.figures.load import agg
     rows = [dict(task="sst2", method=m, privacy=p, seed=s, acc=acc)
             for m, accs in (("ffa_lora", ffa), ("fedavg_lora", fedavg))
             for p, shift in (("non-private", 0.05), (f"ε={eps:g}", 0.0)) for s, acc in enumerate(accs)
             for acc in [acc + shift]]
     seeds = pd.DataFrame(rows)
-    return {"ffa_table": agg(seeds, ["task", "method", "privacy"]), "ffa_table_seeds": seeds}
+    return {"ffa_table": FFATable(cells=agg(seeds, ["task", "method", "privacy"]), seeds=seeds)}
 
 
 @pytest.mark.parametrize("ffa,fedavg,verdict", [
@@ -56,7 +57,7 @@ def _ffa_ctx(ffa, fedavg, eps=1.0):
 ])
 def test_ffa_claim_verdict_from_paired_seeds(ffa, fedavg, verdict):
     from scripts.figures.claims import claims
-    rows = claims(_ffa_ctx(ffa, fedavg))
+    rows = claims(_ffa_results(ffa, fedavg))
     (paper, _, family, got, numbers), = rows
     assert (paper, family, got) == ("FFA-LoRA", "ffa_table", verdict)
     assert "ε=1" in numbers

@@ -27,6 +27,7 @@ from scripts.figures.claims import claims
 from scripts.figures.families import RENDER, family_communication
 from scripts.figures.load import load_runs, provenance, setting_line, status_line
 from scripts.figures.readme import partition_heatmaps, tuning_table, write_readme
+from scripts.figures.results import Context
 from scripts.figures.style import Writer, clean_outputs
 
 
@@ -43,7 +44,7 @@ def available_profiles(root):
 def build(root, profile, families=None):
     root = Path(root)
     fam_docs = load_families(families) if families else load_families()
-    ctx = {"root": root, "profile": profile}
+    ctx = Context(root, profile)
     sections, notes, all_runs = {}, {}, []
     for fam in [f for f in FAMILIES if f in fam_docs] + [f for f in fam_docs if f not in FAMILIES]:
         if profile not in fam_docs[fam].get("profiles", {}):
@@ -59,16 +60,15 @@ def build(root, profile, families=None):
         all_runs += runs
         notes[fam] = [fam_docs[fam].get("title", "")] + list(prof.get("notes", []))
         if "runs_from" in prof:
-            used = family_communication(w, runs, ctx, prof)
+            view = ctx.results[fam] = family_communication(w, runs, ctx, prof)
             if not w.items:
                 continue
-            sections[fam] = (setting_line(used), [], provenance(used), w.items)
+            sections[fam] = (setting_line(view.runs), [], provenance(view.runs), w.items)
             continue
         if not runs:
             continue
-        if fam == "slora":
-            ctx["slora_ran"] = True
-        RENDER.get(fam, lambda *_: None)(w, runs, ctx)
+        if fam in RENDER:
+            ctx.results[fam] = RENDER[fam](w, runs, ctx)
         tuning_table(w, runs, root)
         bad = [status_line(r) for r in runs if r["summary"].get("status") != "finished"]
         planned = [spec["name"] for spec in expand(fam_docs[fam], profile)] if profile in fam_docs[fam].get(
@@ -77,7 +77,7 @@ def build(root, profile, families=None):
         status = [f"{len(runs) - len(bad)} of {max(len(runs), len(planned))} runs finished"] + bad + absent
         sections[fam] = (setting_line(runs), status, provenance(runs), w.items)
     heat = partition_heatmaps(root, profile, all_runs)
-    write_readme(root, profile, sections, claims(ctx), heat, notes)
+    write_readme(root, profile, sections, claims(ctx.results), heat, notes)
     return sections
 
 

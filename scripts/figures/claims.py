@@ -9,10 +9,12 @@ def _v(ok, bad):
     return "reproduced" if ok else "not reproduced" if bad else "inconclusive"
 
 
-def claims(ctx):
-    """[(paper, claim, family, verdict, numbers)]."""
+def claims(results):
+    """[(paper, claim, family, verdict, numbers)] from the families' typed results (scripts/figures/results.py),
+    keyed by family name."""
     out = []
-    a, seeds = ctx.get("ffa_table"), ctx.get("ffa_table_seeds")
+    table = results.get("ffa_table")
+    a, seeds = (table.cells, table.seeds) if table is not None else (None, None)
     if a is not None and len(a):
         priv = [p for p in privacy_order(a["privacy"]) if p != "non-private"]
         parts, verdicts = [], []
@@ -37,7 +39,7 @@ def claims(ctx):
                 f"otherwise; inconclusive if both are at chance." if priv else " No private runs.")
         out.append(("FFA-LoRA", "better than FedAvg-LoRA under DP, especially at small ε", "ffa_table",
                     _combine(verdicts), "; ".join(parts) + "." + rule))
-    r = ctx.get("alpha_ranges")
+    r = results["alpha"].ranges if results.get("alpha") is not None else None
     if r is not None and len(r):
         parts, verdicts = [], []
         for (task, priv), g in r.groupby(["task", "privacy"], sort=True):
@@ -56,22 +58,23 @@ def claims(ctx):
         out.append(("FFA-LoRA", "insensitive to the LoRA scaling α (FedAvg-LoRA is not)", "alpha",
                     _combine(verdicts), "; ".join(parts) + " (inconclusive when a method is above chance at no more "
                                                            "than half of the α values)"))
-    sl = ctx.get("slora")
-    if sl is not None and sl["fft"] is not None:
-        d = sl["density"]
+    sl = results.get("slora")
+    if sl is not None and sl.fft is not None:
+        d = sl.density
         c = d.iloc[(d["density"] - 0.01).abs().argsort().iloc[0]]
-        fft = sl["fft"]
+        fft = sl.fft
         delta = c["mean"] - fft["mean"]
         t = tol(c["std"], fft["std"])
-        dead = not learned(fft["mean"], sl["chance"])         # "comparable" to a model at chance says nothing
+        dead = not learned(fft["mean"], sl.chance)         # "comparable" to a model at chance says nothing
         out.append(("SLoRA", "comparable to full fine-tuning at ~1% density", "slora",
                     "inconclusive" if dead else _v(delta >= -t, delta < -t),
                     f"density {c['density']:g}: SLoRA {100 * c['mean']:.1f}±{100 * c['std']:.1f} vs FedAvg-FFT "
                     f"{100 * fft['mean']:.1f}±{100 * fft['std']:.1f} (Δ {100 * delta:+.1f}; comparable = Δ ≥ −max(2, std) points; inconclusive if FedAvg-FFT is at chance)"))
-    elif "slora_ran" in ctx:
+    elif sl is not None:
         out.append(("SLoRA", "comparable to full fine-tuning at ~1% density", "slora", "inconclusive",
                     "no FedAvg-FFT reference run at the same setting"))
-    gaps, het = ctx.get("peft_gap"), ctx.get("heterogeneity_seeds")
+    het_result = results.get("heterogeneity")
+    gaps, het = (het_result.peft_gap, het_result.seeds) if het_result is not None else (None, None)
     if gaps:
         parts, verdicts = [], []
         for task, g in sorted(gaps.items()):
@@ -95,7 +98,7 @@ def claims(ctx):
                     _combine(verdicts), "; ".join(parts) + " (paired by seed: reproduced if the 95% interval of the "
                                                            "gap's growth lies above 0; inconclusive unless FedAvg-FFT "
                                                            "is above chance at both ends)"))
-    cm = ctx.get("communication")
+    cm = results["communication"].table if results.get("communication") is not None else None
     if cm is not None and len(cm):
         parts, verdicts = [], []
         for (task, part), g in cm.groupby(["task", "partition"], sort=True, dropna=False):

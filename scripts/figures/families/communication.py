@@ -3,6 +3,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from scripts.figures.load import agg, curve_frame, federation_frame, load_runs, num_labels, primary_split
+from scripts.figures.results import Communication
 from scripts.figures.style import METHOD_LABEL, fmt_pct, learned, methods_present, partition_key, partition_name, tol
 
 
@@ -21,12 +22,12 @@ def family_communication(w, runs, ctx, prof):
     """A view over another family's runs (prof['runs_from']): accuracy vs uploaded bytes per method."""
     src = prof["runs_from"]
     where = src.get("where", {})
-    runs = [r for r in load_runs(ctx["root"], src["family"], ctx["profile"])
+    runs = [r for r in load_runs(ctx.root, src["family"], ctx.profile)
             if all(r["meta"]["labels"].get(k) in [str(x) for x in (v if isinstance(v, list) else [v])]
                    for k, v in where.items())]
     df, cv = federation_frame(runs), curve_frame(runs)
     if df.empty:
-        return []
+        return Communication(runs=[], table=pd.DataFrame())
     frac = float(prof.get("target_fraction_of_fft", 0.9))
     rows_all, raw_all = [], []
     for task in sorted(df["task"].unique()):
@@ -95,5 +96,4 @@ def family_communication(w, runs, ctx, prof):
     w.table("bytes_to_target", disp.set_index(["task", "partition", "method"]), pd.DataFrame(raw_all),
             f"Upload needed to reach {frac:g} x FedAvg-FFT's final accuracy (mean over seeds) and reduction vs "
             f"FedAvg-FFT; ✗ = accuracy not comparable to FFT (below by more than max(2 points, seed std)).")
-    ctx["communication"] = pd.DataFrame(raw_all)
-    return runs
+    return Communication(runs=runs, table=pd.DataFrame(raw_all))

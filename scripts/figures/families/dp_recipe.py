@@ -18,7 +18,8 @@ def family_dp_recipe(w, runs, ctx):
     df = federation_frame(runs)
     if df.empty:
         return
-    frames, ref = [df], ctx.get("ffa_table_seeds")
+    table = ctx.results.get("ffa_table")
+    frames, ref = [df], table.seeds if table is not None else None
     if ref is not None and len(ref):
         same = ref[ref.task.isin(df.task.unique()) & ref.epsilon.isin(df.epsilon.unique())]
         frames.insert(0, same.assign(recipe=RECIPE_REFERENCE))

@@ -4,6 +4,7 @@ import pandas as pd
 
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, num_labels, primary_split
+from scripts.figures.results import FFATable
 from scripts.figures.style import (METHOD_LABEL, errorbar, fmt_pct, learned, methods_present, privacy_order,
                                    within_spread)
 
@@ -66,5 +67,4 @@ def family_ffa_table(w, runs, ctx):
         ax.legend()
     fig.tight_layout()
     w.figure("accuracy_vs_privacy", fig, "Accuracy vs privacy level; error bars = 1 std over seeds.")
-    ctx["ffa_table"] = a
-    ctx["ffa_table_seeds"] = df
+    return FFATable(cells=a, seeds=df)

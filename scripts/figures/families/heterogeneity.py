@@ -4,6 +4,7 @@ import pandas as pd
 
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, num_labels, primary_split
+from scripts.figures.results import Heterogeneity
 from scripts.figures.style import (METHOD_LABEL, errorbar, fmt_pct, learned, methods_present, partition_key,
                                    partition_name, within_spread)
 
@@ -17,6 +18,7 @@ def family_heterogeneity(w, runs, ctx):
     if df.empty:
         return
     a = agg(df, ["task", "method", "partition"])
+    peft_gap = {}
     for task in sorted(a["task"].unique()):
         at = a[a.task == task]
         parts = sorted(at["partition"].unique(), key=partition_key)     # each task its own skew levels
@@ -61,7 +63,7 @@ def family_heterogeneity(w, runs, ctx):
                                  "seed spread": [f"{100 * x:.1f}" for x in g["spread"]]}).set_index("partition")
             w.table(f"peft_gap_{task}", disp, g.drop(columns="key"),
                     f"{task}: accuracy gap FedAvg-FFT minus FedAvg-LoRA by label skew; ≈ = within the seed spread.")
-            ctx.setdefault("peft_gap", {})[task] = g
+            peft_gap[task] = g
         fig, ax = plt.subplots(figsize=(5.2, 3.4))
         for method in methods_present(at):
             c = at[at.method == method].set_index("partition").reindex(parts)
@@ -74,5 +76,4 @@ def family_heterogeneity(w, runs, ctx):
         ax.legend(ncol=2)
         fig.tight_layout()
         w.figure(f"accuracy_vs_alpha_{task}", fig, f"{task}: accuracy vs Dirichlet α (error bars: 1 std over seeds).")
-    ctx["heterogeneity"] = a
-    ctx["heterogeneity_seeds"] = df
+    return Heterogeneity(cells=a, seeds=df, peft_gap=peft_gap)

@@ -6,6 +6,7 @@ import pandas as pd
 
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, load_runs, num_labels, primary_split
+from scripts.figures.results import SLoRASweep
 from scripts.figures.style import METHOD_LABEL, errorbar, fmt_pct, learned, within_spread
 
 
@@ -26,7 +27,7 @@ def _reference(root, profile, runs, family="heterogeneity", labels_of=None):
 def family_slora(w, runs, ctx):
     df = federation_frame(runs)
     if df.empty:
-        return
+        return SLoRASweep(density=None, fft=None, chance=None)
     from methods.slora import SLoRAParams
     d0 = SLoRAParams()
     for col, default in (("density", d0.density), ("stage1_rounds", d0.stage1_rounds)):
@@ -38,7 +39,7 @@ def family_slora(w, runs, ctx):
         return min(top, key=lambda v: abs(v - prefer))
     fixed = {"density": most_common("stage1_rounds", df["stage1_rounds"].median()),
              "stage1_rounds": most_common("density", 0.01)}
-    ref = _reference(ctx["root"], ctx["profile"], runs)
+    ref = _reference(ctx.root, ctx.profile, runs)
     refa = agg(ref, ["method"]) if not ref.empty else pd.DataFrame(columns=["method", "mean", "std", "n"])
     refa = refa[refa.method.isin(["fedavg_fft", "fedavg_lora"])]
     task = df["task"].iloc[0]
@@ -88,4 +89,4 @@ def family_slora(w, runs, ctx):
     fig.suptitle(f"SLoRA on {task}")
     fig.tight_layout()
     w.figure("slora_density_stage1", fig, "SLoRA accuracy vs stage-1 density and length; bands = reference ± 1 std.")
-    ctx["slora"] = dict(density=tables["density"], fft=fft, chance=chance)
+    return SLoRASweep(density=tables["density"], fft=fft, chance=chance)

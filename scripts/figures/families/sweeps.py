@@ -4,6 +4,7 @@ import pandas as pd
 
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, num_labels, primary_split
+from scripts.figures.results import AlphaSweep
 from scripts.figures.style import METHOD_LABEL, errorbar, fmt_pct, learned, methods_present
 
 
@@ -50,7 +51,7 @@ def family_alpha(w, runs, ctx):
     _accuracy_panels(axes[0], groups, "lora.alpha", alphas, "LoRA α (scale = α / r)")
     fig.tight_layout()
     w.figure("accuracy_vs_lora_alpha", fig, "Accuracy vs LoRA α, with and without DP (error bars: 1 std over seeds).")
-    ctx["alpha_ranges"] = pd.DataFrame(ranges)
+    return AlphaSweep(ranges=pd.DataFrame(ranges))
 
 
 @register("rank")
