@@ -1,9 +1,9 @@
 """One module per experiment family, registered by its name (the `family:` of its configs/*.yaml).
 
 A family's render(writer, runs, ctx) writes its tables and figures through the writer and returns its typed
-result (scripts/figures/results.py), which build keeps in ctx.results for the claims and later families. A family without a module gets only the
-generic parts (setting line, run status, tuning table). communication is a view over another family's
-runs (`runs_from` in its profile) and is called with that profile section.
+result (scripts/figures/results.py), which build keeps in ctx.results for the claims and later families. A
+family without a module gets only the generic parts (setting line, run status, tuning table). communication
+is a view over another family's runs (`runs_from` in its profile) and is called with that profile section.
 """
 RENDER = {}
 
