@@ -172,8 +172,8 @@ class FederatedEngine:
 
     def _replica_index(self, plan):
         """(federation, client id) of every replica, as index tensors [R]."""
-        return (torch.tensor([f for f, _ in plan.client_ids], device=self.device),
-                torch.tensor([c for _, c in plan.client_ids], device=self.device))
+        feds, clients = plan.clients_of()
+        return feds.to(self.device), clients.to(self.device)
 
     def _load_client_state(self, plan):
         """Each replica gets its client's own copy of the client-local tensors (the global value on first use)."""
@@ -291,7 +291,8 @@ class FederatedEngine:
         for name in trainable:
             # the global per replica is built only if asked for: for full fine-tuning it is a copy of every weight
             regularizer = self.method.local_regularizer_grad(name, self.tensors[name][rs],
-                                                             lambda name=name: self.global_state[name][fed_of], t)
+                                                             lambda name=name: self.global_state[name][fed_of], t,
+                                                             client_ids)
             if regularizer is not None:
                 grads[name] = grads[name] + regularizer
         opt.step(self.tensors, grads, rs)
@@ -306,7 +307,7 @@ class FederatedEngine:
         weights = sizes / sizes.sum(1, keepdim=True)
         clients = {n: self.tensors[n].detach().view(num_federations, per_federation, *self.tensors[n].shape[1:])
                    for n in plan.shared}
-        self.global_state = self.method.aggregate(self.global_state, clients, weights, plan.round)
+        self.global_state = self.method.aggregate(self.global_state, clients, weights, plan)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):

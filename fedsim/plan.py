@@ -26,6 +26,14 @@ class RoundPlan:
     shared: list                    # ... send to the server to aggregate
     client_local: list              # ... keep per client between rounds
     expected_batch: torch.Tensor | None = None   # [R] each replica's expected Poisson batch (DP), else None
+    num_clients: int = 0            # clients of each federation (sampled or not)
+    local_steps: int = 0            # K local steps per sampled client
+    lrs: tuple = ()                 # per federation: its client learning rate
+
+    def clients_of(self, rs=slice(None)):
+        """(federation index [Rc], client id [Rc]) of the replicas rs, as long tensors."""
+        ids = self.client_ids[rs]
+        return torch.tensor([f for f, _ in ids]), torch.tensor([c for _, c in ids])
 
 
 def plan_round(t, federations, method, tensor_names, *, client_fraction, local_steps, batch_size, dp, device,
@@ -52,7 +60,8 @@ def plan_round(t, federations, method, tensor_names, *, client_fraction, local_s
     return RoundPlan(round=t, sampled=sampled, client_ids=client_ids, rows=torch.from_numpy(np.stack(rows)),
                      masks=torch.from_numpy(np.stack(masks)), trained=[n for n in tensor_names if method.trained(n, t)],
                      shared=[n for n in tensor_names if method.shared(n, t)],
-                     client_local=[n for n in tensor_names if method.client_local(n, t)], expected_batch=expected)
+                     client_local=[n for n in tensor_names if method.client_local(n, t)], expected_batch=expected,
+                     num_clients=num_clients, local_steps=local_steps, lrs=tuple(f.lr for f in federations))
 
 
 def index_rows(data, rows, device):

@@ -46,6 +46,8 @@ class ReferenceConfig:
     dp_sample_rate: float | None = None  # Poisson q
     dp_max_batch: int | None = None
     dp_head_share: float | None = None  # clip the head to C sqrt(share) and the rest to C sqrt(1 - share)
+    prox_mu: float = 0.0  # FedProx: add mu * (w - w_global) to every local gradient
+    scaffold: bool = False  # SCAFFOLD (option II control variates), written out plainly below
 
 
 def _is_head(name):
@@ -152,10 +154,11 @@ def _rows(train, part, positions):
     return {k: v[:, :T] if v.dim() == 2 else v for k, v in batch.items()}
 
 
-def _plain_step(model, batch, opt):
+def _plain_step(model, batch, opt, correct):
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     loss = F.cross_entropy(model(**inputs).logits, batch["labels"])
     loss.backward()
+    correct()
     opt.step()
     opt.zero_grad()
     return loss.item()
@@ -207,10 +210,13 @@ def run_reference(make_model, train, partitions, initial_global, cfg):
     own = {id(p): name for name, p in model.named_parameters()}
     model_names = {n: own[id(params[n])] for n in trainable}
     history = []
+    zeros = lambda: {n: torch.zeros_like(glob[n]) for n in trainable}  # noqa: E731
+    server_c, client_c = zeros(), {}         # SCAFFOLD's control variates: the server's, each client's
     for t in range(cfg.rounds):
         clients = sample_clients(len(partitions), cfg.client_fraction, cfg.seed, t)
-        sums = {n: torch.zeros_like(glob[n]) for n in trainable}
+        sums = zeros()
         total, client_losses = 0, []
+        variate_change = zeros()
         for c in clients:
             c = int(c)
             part = np.asarray(partitions[c])
@@ -218,6 +224,16 @@ def run_reference(make_model, train, partitions, initial_global, cfg):
                 for n, p in params.items():
                     p.copy_(glob[n])
             opt = make_optimizer([params[n] for n in trainable], cfg)
+            own_c = client_c.get(c) or zeros()
+
+            @torch.no_grad()
+            def correct():
+                """FedProx's proximal gradient and SCAFFOLD's correction, added to the (clipped, noised) gradient."""
+                for n in trainable:
+                    if cfg.prox_mu:
+                        params[n].grad += cfg.prox_mu * (params[n] - glob[n])
+                    if cfg.scaffold:
+                        params[n].grad += server_c[n] - own_c[n]
             losses = []
             if private:
                 pos, mask = poisson_batches(len(part), cfg.dp_sample_rate, cfg.dp_max_batch, cfg.local_steps,
@@ -225,18 +241,25 @@ def run_reference(make_model, train, partitions, initial_global, cfg):
                 for s in range(cfg.local_steps):
                     batch = _rows(train, part, pos[s])
                     losses.append(_private_step(model, params, model_names, batch, mask[s], len(part), t, c, s, cfg))
+                    correct()
                     opt.step()
                     opt.zero_grad()
             else:
                 pos = fixed_batches(len(part), cfg.batch_size, cfg.local_steps, cfg.seed, t, c)
                 for s in range(cfg.local_steps):
-                    losses.append(_plain_step(model, _rows(train, part, pos[s]), opt))
+                    losses.append(_plain_step(model, _rows(train, part, pos[s]), opt, correct))
             for n in trainable:
                 sums[n] += len(part) * params[n].detach()
+                if cfg.scaffold:               # option II: c_i+ = c_i - c + (x - y_i) / (K lr)
+                    new_c = own_c[n] - server_c[n] + (glob[n] - params[n].detach()) / (cfg.local_steps * cfg.lr)
+                    variate_change[n] += new_c - own_c[n]
+                    own_c[n] = new_c
+            client_c[c] = own_c
             total += len(part)
             client_losses.append(_mean(losses))
         for n in trainable:
             glob[n] = sums[n] / total
+            server_c[n] = server_c[n] + variate_change[n] / len(partitions)
         history.append({"round": t, "clients": [int(c) for c in clients],
                         "loss": _mean(client_losses),
                         "client_losses": client_losses})

@@ -6,8 +6,10 @@ from methods.sa_fedlora import SAFedLoRA
 from methods.fedavg_fft import FedAvgFFT
 from methods.fedsa_lora import FedSALoRA
 from methods.slora import SLoRA
+from methods.fedprox import FedProx
+from methods.scaffold import Scaffold
 
-METHODS = {m.name: m for m in (FedAvgLoRA, FedAvgFFT, SLoRA, FFALoRA, SAFedLoRA, FedSALoRA)}
+METHODS = {m.name: m for m in (FedAvgLoRA, FedAvgFFT, SLoRA, FFALoRA, SAFedLoRA, FedSALoRA, FedProx, Scaffold)}
 
 
 def make_method(method_cfg: dict, lora_cfg: dict) -> Method:

@@ -103,13 +103,15 @@ class Method:
         """Schedules (stage switches, rank budgets): a Change (default: nothing changes)."""
         return Change(global_state)
 
-    def local_regularizer_grad(self, name, local, global_bcast, round_idx):
-        """Gradient of a data-independent local loss term (added after clipping/noise), or None.
-        local: the replicas' tensor [Rc, *shape]; global_bcast(): their federations' global tensor [Rc, *shape]."""
+    def local_regularizer_grad(self, name, local, global_bcast, round_idx, client_ids):
+        """Gradient of a data-independent local loss term or correction (added after clipping/noise), or None.
+        local: the replicas' tensor [Rc, *shape]; global_bcast(): their federations' global tensor [Rc, *shape];
+        client_ids: the replicas' (federation index, client id), Rc pairs."""
         return None
 
-    def aggregate(self, global_state, client_states, weights, round_idx):
-        """FedAvg of every trained tensor, weighted by client sample counts."""
+    def aggregate(self, global_state, client_states, weights, plan):
+        """FedAvg of every shared tensor, weighted by client sample counts. plan: the round's
+        fedsim.plan.RoundPlan (round, which client sent what, local steps, learning rates)."""
         new = dict(global_state)
         for name, stack in client_states.items():
             new[name] = torch.einsum("fm,fm...->f...", weights.to(stack.dtype), stack)
