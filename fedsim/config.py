@@ -39,6 +39,10 @@ DEFAULTS = {
     "lora": {"rank": 8, "alpha": 16.0, "targets": ["query", "value"]},
     "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0,
                   "betas": [0.9, 0.999], "eps": 1e-8},
+    "server": {"optimizer": "fedavg",   # fedavg | fedavgm | fedadagrad | fedadam | fedyogi (methods/server_optimizers)
+               "lr": 1.0,               # server learning rate on the aggregate's update (1 with fedavg: plain FedAvg)
+               "momentum": 0.9,         # FedAvgM's beta; FedAdagrad/FedAdam/FedYogi's beta1
+               "beta2": 0.99, "tau": 1e-3},
     "dp": {"epsilon": None, "delta": 1e-5, "max_grad_norm": 1.0, "accountant": "rdp",
            "max_batch_factor": 5.0,
            "head_share": None},      # per-group clipping: head to C*sqrt(share), adapters to C*sqrt(1-share)
@@ -49,7 +53,7 @@ DEFAULTS = {
     "precision": "auto",         # fp32 | bf16 (the frozen backbone's matmuls); auto = bf16 on CUDA, fp32 on CPU
 }
 
-SWEEPABLE = ("optimizer.lr", "lora.alpha", "dp.epsilon", "dp.max_grad_norm")
+SWEEPABLE = ("optimizer.lr", "lora.alpha", "dp.epsilon", "dp.max_grad_norm", "server.lr")
 OPEN_SECTIONS = ("method", "partition")
 OPTIMIZERS = ("sgd", "adamw")
 # Keys that change how a run is computed but not its numbers (beyond float rounding): a run may resume
@@ -67,6 +71,8 @@ TYPES = {
     "lora.rank": "int", "lora.alpha": "float", "lora.targets": "targets",
     "optimizer.name": "str", "optimizer.lr": "float", "optimizer.momentum": "float",
     "optimizer.weight_decay": "float", "optimizer.betas": "floats2", "optimizer.eps": "float",
+    "server.optimizer": "str", "server.lr": "float", "server.momentum": "float", "server.beta2": "float",
+    "server.tau": "float",
     "dp.epsilon": "float?", "dp.delta": "float", "dp.max_grad_norm": "float", "dp.accountant": "str",
     "dp.max_batch_factor": "float", "dp.head_share": "float?", "seeds": "ints", "replica_chunk": "int?", "device": "str",
     "precision": "str",
@@ -348,6 +354,15 @@ def _check_values(cfg):
     need(cfg["pooling"] in ("auto", "mean", "cls"), f"pooling must be auto, mean or cls (got {cfg['pooling']!r}); "
                                                     f"auto uses the backbone's own convention")
     need(cfg["padding"] in ("longest", "max_length"), f"padding must be 'longest' or 'max_length' (got {cfg['padding']})")
+    server = cfg["server"]
+    from methods.server_optimizers import SERVER_OPTIMIZERS
+    need(server["optimizer"] in SERVER_OPTIMIZERS, f"unknown server.optimizer '{server['optimizer']}'; valid: "
+                                                   f"{sorted(SERVER_OPTIMIZERS)} (fedavg: plain averaging)")
+    need(server["lr"] > 0, f"server.lr must be > 0 (got {server['lr']}); 1 is FedAvg's step, Reddi et al. tune "
+                           f"FedAdam's over 1e-3..1")
+    need(0 <= server["momentum"] < 1, f"server.momentum must be in [0, 1) (got {server['momentum']}); try 0.9")
+    need(0 <= server["beta2"] < 1, f"server.beta2 must be in [0, 1) (got {server['beta2']}); try 0.99")
+    need(server["tau"] > 0, f"server.tau must be > 0 (got {server['tau']}); Reddi et al. use 1e-3")
     dp = cfg["dp"]
     need(dp["head_share"] is None or 0 < dp["head_share"] < 1, f"dp.head_share must be in (0, 1) or null for joint "
                                                              f"clipping (got {dp['head_share']}); try 0.1")

@@ -23,6 +23,7 @@ from fedsim.packed import MAX_LENGTH_GROUPS, length_groups, pack
 from fedsim.evaluation import global_accuracy, personal_accuracy
 from fedsim.plan import index_rows, plan_round
 from fedsim.sampling import clients_per_round
+from methods.server_optimizers import make_server_optimizer
 
 
 # A federation whose mean training loss exceeds this many times the loss of guessing uniformly (ln of the
@@ -42,6 +43,7 @@ class Federation:
     max_grad_norm: float | None = None                  # DP clip norm C; None = DPSetup's
     variant: dict = field(default_factory=dict)         # its sweep values ({} outside a sweep), as reported
     personal_eval: list = field(default_factory=list)   # per client: rows held out of its data (evaluate_personal)
+    server_lr: float = 1.0                              # the server optimizer's learning rate (1: FedAvg's step)
 
 
 @dataclass
@@ -75,7 +77,7 @@ class FederatedEngine:
 
     def __init__(self, stacked, method, train, federations, *, local_steps, batch_size, client_fraction,
                  optimizer, dp=None, replica_chunk=None, device="cpu", eval_sets=None, eval_batch_size=128,
-                 precision="auto"):
+                 precision="auto", server=None):
         self.stacked, self.method, self.train = stacked, method, train
         self.federations, self.local_steps, self.batch_size = federations, local_steps, batch_size
         self.fraction, self.opt_cfg, self.dp, self.device = client_fraction, dict(optimizer), dp, torch.device(device)
@@ -102,6 +104,11 @@ class FederatedEngine:
         self.client_state = {}
         self.head_names = [f"{h}.{p}" for h in stacked.heads for p in ("weight", "bias")]   # per-group clipping
         self.ledger = Ledger(len(federations))
+        # the server's step on each round's aggregate (methods/server_optimizers.py); server: the config's
+        # server section (optimizer name and its betas, tau), None = FedAvg
+        server = dict(server or {"optimizer": "fedavg"})
+        server_lr = torch.tensor([f.server_lr for f in federations], dtype=self.dtype)
+        self.server_opt = make_server_optimizer(server.pop("optimizer"), server_lr, **server)
         self.round_idx = 0
         # federation index -> {"round": 1-based round, "reason": str}. A failed federation is frozen at its
         # last finite global state (its replicas keep running, so shapes never change, but its updates are
@@ -307,14 +314,16 @@ class FederatedEngine:
         weights = sizes / sizes.sum(1, keepdim=True)
         clients = {n: self.tensors[n].detach().view(num_federations, per_federation, *self.tensors[n].shape[1:])
                    for n in plan.shared}
-        self.global_state = self.method.aggregate(self.global_state, clients, weights, plan)
+        aggregated = self.method.aggregate(self.global_state, clients, weights, plan)
+        self.global_state = self.server_opt.step(self.global_state, aggregated, plan.shared)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
         """Everything a resumed run needs: randomness is keyed by round, optimizers reset every round."""
         return {"round": self.round_idx, "global": {k: v.cpu() for k, v in self.global_state.items()},
                 "client_state": {k: v.cpu() for k, v in self.client_state.items()},
-                "ledger": self.ledger.state_dict(), "method": self.method.state_dict(), "failed": self.failed}
+                "ledger": self.ledger.state_dict(), "method": self.method.state_dict(), "failed": self.failed,
+                "server_optimizer": self.server_opt.state_dict()}
 
     def load_state_dict(self, d):
         self.round_idx = d["round"]
@@ -323,6 +332,7 @@ class FederatedEngine:
         self.client_state = {k: v.to(self.device) for k, v in d.get("client_state", {}).items()}
         self.ledger = Ledger.from_state_dict(d["ledger"])
         self.method.load_state_dict(d["method"])
+        self.server_opt.load_state_dict(d.get("server_optimizer", {}), self.device)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self):

@@ -48,6 +48,11 @@ class ReferenceConfig:
     dp_head_share: float | None = None  # clip the head to C sqrt(share) and the rest to C sqrt(1 - share)
     prox_mu: float = 0.0  # FedProx: add mu * (w - w_global) to every local gradient
     scaffold: bool = False  # SCAFFOLD (option II control variates), written out plainly below
+    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadagrad | fedadam | fedyogi (Reddi et al. 2021)
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
 
 
 def _is_head(name):
@@ -192,6 +197,29 @@ def _private_step(model, params, names, batch, mask, n, t, c, s, cfg):
     return losses[mask].mean().item() if mask.any() else float("nan")
 
 
+def _server_step(cfg, state, x, average):
+    """The server optimizer's new global tensor from the old one x and the clients' average (Reddi et al. 2021,
+    Algorithm 2; FedAvgM: m = beta m + delta)."""
+    if cfg.server_optimizer == "fedavg":
+        return x + cfg.server_lr * (average - x) if cfg.server_lr != 1 else average
+    delta, b1, b2, tau = average - x, cfg.server_momentum, cfg.server_beta2, cfg.server_tau
+    if cfg.server_optimizer == "fedavgm":
+        state["m"] = b1 * state.get("m", 0) + delta
+        return x + cfg.server_lr * state["m"]
+    state["m"] = b1 * state.get("m", 0) + (1 - b1) * delta
+    v = state.get("v", torch.full_like(x, tau ** 2))
+    if cfg.server_optimizer == "fedadagrad":
+        v = v + delta ** 2
+    elif cfg.server_optimizer == "fedadam":
+        v = b2 * v + (1 - b2) * delta ** 2
+    elif cfg.server_optimizer == "fedyogi":
+        v = v - (1 - b2) * delta ** 2 * torch.sign(v - delta ** 2)
+    else:
+        raise ValueError(f"unknown server optimizer {cfg.server_optimizer!r}")
+    state["v"] = v
+    return x + cfg.server_lr * state["m"] / (v.sqrt() + tau)
+
+
 def _mean(xs):
     xs = [x for x in xs if x == x]  # drop NaN (an empty Poisson batch has no loss)
     return sum(xs) / len(xs) if xs else float("nan")
@@ -212,6 +240,7 @@ def run_reference(make_model, train, partitions, initial_global, cfg):
     history = []
     zeros = lambda: {n: torch.zeros_like(glob[n]) for n in trainable}  # noqa: E731
     server_c, client_c = zeros(), {}         # SCAFFOLD's control variates: the server's, each client's
+    server_state = {}                        # the server optimizer's moments per tensor
     for t in range(cfg.rounds):
         clients = sample_clients(len(partitions), cfg.client_fraction, cfg.seed, t)
         sums = zeros()
@@ -258,8 +287,8 @@ def run_reference(make_model, train, partitions, initial_global, cfg):
             total += len(part)
             client_losses.append(_mean(losses))
         for n in trainable:
-            glob[n] = sums[n] / total
             server_c[n] = server_c[n] + variate_change[n] / len(partitions)
+            glob[n] = _server_step(cfg, server_state.setdefault(n, {}), glob[n], sums[n] / total)
         history.append({"round": t, "clients": [int(c) for c in clients],
                         "loss": _mean(client_losses),
                         "client_losses": client_losses})

@@ -84,6 +84,7 @@ class Experiment:
             self.federations.append(Federation(seed=seed, lr=variant.get("optimizer.lr", cfg["optimizer"]["lr"]),
                                                lora_alpha=variant.get("lora.alpha", cfg["lora"]["alpha"]),
                                                max_grad_norm=variant.get("dp.max_grad_norm"), partitions=parts,
+                                               server_lr=variant.get("server.lr", cfg["server"]["lr"]),
                                                variant=variant, personal_eval=held))
         self.dp, self.epsilons = None, [None] * len(self.federations)
         dp = cfg["dp"]
@@ -126,7 +127,8 @@ class Experiment:
                             batch_size=cfg["batch_size"], client_fraction=cfg["client_fraction"],
                             optimizer=cfg["optimizer"], dp=self.dp, replica_chunk=cfg["replica_chunk"],
                             device=self.device, eval_sets=evals, eval_batch_size=cfg["eval_batch_size"],
-                            precision=cfg["precision"])
+                            precision=cfg["precision"],
+                            server={k: v for k, v in cfg["server"].items() if k != "lr"})
 
     def tune(self, engine):
         """Replicas per forward/backward unless the config fixes it: all of them on a GPU; on a CPU a

@@ -12,19 +12,20 @@ def rel_err(a, b):
 
 def make_engine(make_model, data, parts_per_fed, *, seeds, optimizer, targets, fraction, K=3, b=4, rank=4,
                  alpha=8.0, method="fedavg_lora", dp=None, sigmas=None, chunk=None, lrs=None, alphas=None, clips=None,
-                 precision="fp32", packed_tokens=True):
+                 precision="fp32", packed_tokens=True, server=None, server_lrs=None):
     """One engine over len(seeds) federations; lrs / alphas / sigmas / clips (DP clip norms) give each
-    federation its own value. packed_tokens=False: the padded forward even where a packed one exists."""
+    federation its own value (server_lrs: the server optimizer's; server: its config section).
+    packed_tokens=False: the padded forward even where a packed one exists."""
     method = make_method(method if isinstance(method, dict) else {"name": method},   # a name or {name, params}
                          {"rank": rank, "alpha": alpha, "targets": targets})
     feds = [Federation(seed=s, lr=(lrs or [optimizer["lr"]] * len(seeds))[i],
                        lora_alpha=(alphas or [alpha] * len(seeds))[i],
                        noise_multiplier=(sigmas or [0.0] * len(seeds))[i], partitions=p,
-                       max_grad_norm=(clips or [None] * len(seeds))[i])
+                       max_grad_norm=(clips or [None] * len(seeds))[i], server_lr=(server_lrs or [1.0] * len(seeds))[i])
             for i, (s, p) in enumerate(zip(seeds, parts_per_fed))]
     return build_engine(method, make_model(), data, feds, local_steps=K, batch_size=b, client_fraction=fraction,
                         optimizer=optimizer, dp=dp, replica_chunk=chunk, precision=precision,
-                        packed_tokens=packed_tokens)
+                        packed_tokens=packed_tokens, server=server)
 
 
 def reference_cfg(optimizer, targets, fraction, seed=0, K=3, b=4, rank=4, alpha=8.0, rounds=2, **kw):
