@@ -45,7 +45,12 @@ DEFAULTS = {
                "beta2": 0.99, "tau": 1e-3},
     "dp": {"epsilon": None, "delta": 1e-5, "max_grad_norm": 1.0, "accountant": "rdp",
            "max_batch_factor": 5.0,
-           "head_share": None},      # per-group clipping: head to C*sqrt(share), adapters to C*sqrt(1-share)
+           "head_share": None,       # per-group clipping: head to C*sqrt(share), adapters to C*sqrt(1-share)
+           "unit": "sample",         # what epsilon protects: one training sample (DP-SGD) or one client's data (DP-FedAvg)
+           "max_update_norm": 0.1,   # client unit: clip of each client's whole update (adaptive: its first value)
+           "target_quantile": None,  # client unit: adaptive clipping toward this quantile of update norms; null = fixed
+           "clip_lr": 0.2,           # client unit, adaptive: the clip's geometric learning rate (Andrew et al.)
+           "clipped_count_stddev": None},  # client unit, adaptive: noise std of the clipped count; null = clients/20
     "seeds": [0],                # each seed is a federation in the same pass
     "sweep": {},                 # shape-preserving variants run as more federations, e.g. {"optimizer.lr": [0.01, 0.1]}
     "replica_chunk": None,       # replicas per forward/backward; None = all (GPU) / measured (CPU)
@@ -74,7 +79,8 @@ TYPES = {
     "server.optimizer": "str", "server.lr": "float", "server.momentum": "float", "server.beta2": "float",
     "server.tau": "float",
     "dp.epsilon": "float?", "dp.delta": "float", "dp.max_grad_norm": "float", "dp.accountant": "str",
-    "dp.max_batch_factor": "float", "dp.head_share": "float?", "seeds": "ints", "replica_chunk": "int?", "device": "str",
+    "dp.max_batch_factor": "float", "dp.head_share": "float?", "dp.unit": "str", "dp.max_update_norm": "float",
+    "dp.target_quantile": "float?", "dp.clip_lr": "float", "dp.clipped_count_stddev": "float?", "seeds": "ints", "replica_chunk": "int?", "device": "str",
     "precision": "str",
 }
 _KIND_TEXT = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a finite number",
@@ -290,6 +296,9 @@ def validate(cfg):
                          "run them as two runs")
     if "dp.max_grad_norm" in cfg["sweep"] and all(e is None for e in eps):
         raise ValueError("sweep.dp.max_grad_norm needs a private run: set dp.epsilon (or sweep it)")
+    if "dp.max_grad_norm" in cfg["sweep"] and cfg["dp"]["unit"] == "client":
+        raise ValueError("sweep.dp.max_grad_norm is the per-sample clip of dp.unit=sample; client-level DP clips "
+                         "updates to dp.max_update_norm")
     variants = [v for seed, v in federations(cfg) if seed == cfg["seeds"][0]]    # the same for every seed
     for variant in variants:                         # every sweep value meets the same checks as the key
         if variant:
@@ -371,7 +380,30 @@ def _check_values(cfg):
         from fedsim.dp import validate_dp
         validate_dp(dp["epsilon"], dp["delta"], dp["max_grad_norm"], dp["accountant"])
     from methods import make_method                                  # the method's own parameter checks
-    make_method(cfg["method"], cfg["lora"])
+    method = make_method(cfg["method"], cfg["lora"])
+    plain_server = server["optimizer"] == "fedavg" and server["lr"] == 1 and "server.lr" not in cfg["sweep"]
+    need(plain_server or method.server_optimizer_unsupported is None,
+         f"a server optimizer ({server['optimizer']}, lr {server['lr']}) does not apply to method {method.name}: "
+         f"{method.server_optimizer_unsupported}; use server.optimizer=fedavg with server.lr=1")
+    need(dp["unit"] in ("sample", "client"), f"dp.unit must be sample (DP-SGD: epsilon protects one training "
+                                              f"sample) or client (DP-FedAvg: one client's data), got {dp['unit']!r}")
+    if dp["unit"] == "client":
+        from fedsim.sampling import clients_per_round
+        need(dp["max_update_norm"] > 0, f"dp.max_update_norm must be > 0 (got {dp['max_update_norm']}); try 0.1")
+        need(dp["target_quantile"] is None or 0 < dp["target_quantile"] < 1, f"dp.target_quantile must be in (0, 1) "
+             f"or null for fixed clipping (got {dp['target_quantile']}); Andrew et al. use 0.5")
+        need(dp["clip_lr"] > 0, f"dp.clip_lr must be > 0 (got {dp['clip_lr']}); Andrew et al. use 0.2")
+        need(dp["clipped_count_stddev"] is None or dp["clipped_count_stddev"] > 0, f"dp.clipped_count_stddev must be "
+             f"> 0 or null for clients per round / 20 (got {dp['clipped_count_stddev']})")
+        need(dp["head_share"] is None, "dp.head_share splits a per-sample clip: it applies to dp.unit=sample; drop it")
+        if dp["epsilon"] is not None or "dp.epsilon" in cfg["sweep"]:
+            need(clients_per_round(cfg["num_clients"], cfg["client_fraction"]) < cfg["num_clients"],
+                 f"client-level DP with client_fraction {cfg['client_fraction']} samples all {cfg['num_clients']} "
+                 f"clients every round: q = 1, no amplification by sampling, so any useful epsilon needs noise far "
+                 f"larger than the average update; set client_fraction below 1 (q = clients per round / clients, "
+                 f"e.g. 0.1) or use dp.unit=sample")
+            need(method.client_dp_unsupported is None, f"client-level DP cannot protect method {method.name}: "
+                                                       f"{method.client_dp_unsupported}; use dp.unit=sample")
     import partitions
     params = {k: v for k, v in cfg["partition"].items() if k != "name"}
     partitions.validate(cfg["partition"]["name"], cfg["num_clients"], cfg["seeds"][0], **params)

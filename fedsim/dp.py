@@ -219,3 +219,80 @@ class DPConfig:
         if not self.max_batch_factor > 0:
             raise ValueError(f"dp.max_batch_factor must be > 0 (got {self.max_batch_factor}); try 3.0")
         return self
+
+
+# ------------------------------------------------------------------------------- client-level DP (DP-FedAvg)
+#
+# The protected unit is a client's whole dataset (McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private
+# Recurrent Language Models", ICLR 2018, arXiv 1710.06963). Per round each sampled client's update of the shared
+# tensors, delta_i = y_i - x flattened over every shared tensor, is clipped to norm C; the server averages with
+# the fixed denominator m (clients per round) and adds Gaussian noise of std sigma C / m to the average:
+#     x <- x + (sum_i min(1, C / (||delta_i|| + 1e-6)) delta_i + sigma C z) / m.
+# One release per round; a client takes part with probability q = m / N, so the accountant composes `rounds`
+# subsampled Gaussian mechanisms at (sigma, q). Clients are drawn as a uniform subset of fixed size m, the
+# convention of DP-FedAvg and TensorFlow Federated; the accountant's Poisson analysis at q = m / N is the
+# standard stand-in for it.
+# Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning with Adaptive
+# Clipping", NeurIPS 2021, arXiv 1905.03871): the server also learns C toward the target_quantile of the update
+# norms from the noised count of clipped clients, b = (sum_i 1[||delta_i|| <= C] + N(0, count_stddev^2)) / m,
+# C <- C exp(-clip_lr (b - target_quantile)). The count is a second release, so the update's noise is split:
+# sigma_update = (sigma^-2 - (2 count_stddev)^-2)^(-1/2) keeps the total at the accountant's sigma (their Thm 1).
+
+@dataclass
+class ClientDPSetup:
+    max_update_norm: float                  # C: clip of a client's whole update (adaptive: its first value)
+    target_quantile: Optional[float] = None  # adaptive clipping's target share of unclipped clients; None: fixed
+    clip_lr: float = 0.2                    # adaptive clipping's geometric learning rate (Andrew et al.: 0.2)
+    count_stddev: Optional[float] = None    # noise std of the clipped count; None: clients per round / 20
+
+
+def update_noise_multiplier(noise_multiplier, count_stddev):
+    """The update's share sigma_update of the total noise multiplier when the clipped count is released too
+    (count_stddev None: fixed clipping, nothing is split)."""
+    if count_stddev is None or noise_multiplier == 0:
+        return noise_multiplier
+    if noise_multiplier >= 2 * count_stddev:
+        raise ValueError(f"adaptive clipping needs noise multiplier {noise_multiplier:.3g} < 2 x dp.clipped_count_stddev "
+                         f"({count_stddev:.3g}): raise dp.clipped_count_stddev (e.g. {noise_multiplier:.2g}), raise "
+                         f"epsilon, or use fixed clipping (dp.target_quantile=null)")
+    return (noise_multiplier ** -2 - (2 * count_stddev) ** -2) ** -0.5
+
+
+def clip_updates(global_state, client_states, max_update_norm):
+    """Clip every client's update of the shared tensors, jointly over them, to its federation's norm C.
+
+    global_state {name: [F, *shape]}; client_states {name: [F, m, *shape]}; max_update_norm [F].
+    Returns (client states moved to x + clipped delta, update norms before clipping [F, m])."""
+    deltas = {n: y - global_state[n][:, None] for n, y in client_states.items()}
+    # one federation at a time: a reduction's summation order depends on the whole tensor's shape, and a
+    # federation's norms must not depend on how many federations share the pass (measured: 1 ulp apart)
+    norms = torch.stack([torch.stack([d[f].flatten(1).pow(2).sum(-1) for d in deltas.values()]).sum(0)
+                         for f in range(len(max_update_norm))]).sqrt()
+    factor = (max_update_norm[:, None] / (norms + 1e-6)).clamp(max=1.0)
+    clipped = {n: global_state[n][:, None] + factor.view(*factor.shape, *([1] * (d.dim() - 2))) * d
+               for n, d in deltas.items()}
+    return clipped, norms
+
+
+def add_update_noise(aggregated, names, std, noise_keys):
+    """aggregated with N(0, std_f^2) added to every coordinate of federation f's tensors in `names`.
+
+    std [F]: sigma_update C / m; noise_keys: F tuples. Federation f's noise is one standard-normal vector over
+    the tensors in canonical order, torch.randn(D, generator=torch_generator(*noise_keys[f])), drawn on the CPU
+    so every device draws the same."""
+    out = dict(aggregated)
+    sizes = [aggregated[n][0].numel() for n in names]
+    noise = torch.stack([torch.randn(sum(sizes), generator=torch_generator(*k)) for k in noise_keys])
+    noise = noise.to(std) * std[:, None]
+    for n, part in zip(names, noise.split(sizes, dim=1)):
+        out[n] = aggregated[n] + part.view_as(aggregated[n]).to(aggregated[n])
+    return out
+
+
+def adapt_clip(max_update_norm, norms, setup, noise_keys):
+    """Andrew et al.'s geometric update of each federation's clip C [F] from the round's update norms [F, m]."""
+    m = norms.shape[1]
+    unclipped = (norms <= max_update_norm[:, None]).to(norms.dtype).sum(1)
+    z = torch.stack([torch.randn((), generator=torch_generator(*k)) for k in noise_keys]).to(norms)
+    share = (unclipped + setup.count_stddev * z) / m
+    return max_update_norm * torch.exp(-setup.clip_lr * (share - setup.target_quantile))

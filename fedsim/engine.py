@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fedsim.dp import adapt_clip, add_update_noise, clip_and_noise, clip_updates, update_noise_multiplier
 from fedsim.grads import GradBuffer
 from fedsim.ledger import Ledger
 from fedsim.optim import make_optimizer
@@ -77,7 +78,7 @@ class FederatedEngine:
 
     def __init__(self, stacked, method, train, federations, *, local_steps, batch_size, client_fraction,
                  optimizer, dp=None, replica_chunk=None, device="cpu", eval_sets=None, eval_batch_size=128,
-                 precision="auto", server=None):
+                 precision="auto", server=None, client_dp=None):
         self.stacked, self.method, self.train = stacked, method, train
         self.federations, self.local_steps, self.batch_size = federations, local_steps, batch_size
         self.fraction, self.opt_cfg, self.dp, self.device = client_fraction, dict(optimizer), dp, torch.device(device)
@@ -106,6 +107,15 @@ class FederatedEngine:
         self.ledger = Ledger(len(federations))
         # the server's step on each round's aggregate (methods/server_optimizers.py); server: the config's
         # server section (optimizer name and its betas, tau), None = FedAvg
+        # client-level DP (fedsim.dp.ClientDPSetup; dp is then None: clients train without per-sample noise):
+        # each federation's current update clip C [F] and the update's noise multiplier [F]
+        self.client_dp = client_dp
+        if client_dp is not None:
+            self.update_clip = torch.full((len(federations),), client_dp.max_update_norm, dtype=self.dtype,
+                                          device=self.device)
+            count = client_dp.count_stddev if client_dp.target_quantile is not None else None
+            self.update_sigma = torch.tensor([update_noise_multiplier(f.noise_multiplier, count) for f in federations],
+                                             dtype=self.dtype, device=self.device)
         server = dict(server or {"optimizer": "fedavg"})
         server_lr = torch.tensor([f.server_lr for f in federations], dtype=self.dtype)
         self.server_opt = make_server_optimizer(server.pop("optimizer"), server_lr, **server)
@@ -148,18 +158,20 @@ class FederatedEngine:
             rs = slice(r0, min(r0 + self.chunk, self.num_replicas))
             for s in range(self.local_steps):
                 losses[rs] += self.local_step(plan, s, rs, opt)
+        clip = self.update_clip.tolist() if self.client_dp is not None else None    # this round's, before adapting
         self._aggregate(plan)
         per_fed = (losses / self.local_steps).view(len(self.federations), self.clients_per_round).mean(1)
         self._freeze_failed(t, per_fed, last_finite)
         self._store_client_state(plan)
-        up, down = self.method.payload_bytes(self.global_state, t)
+        up, down = self.method.payload_bytes(self.global_state, t, self.clients_per_round)
         self.ledger.record(t, self.clients_per_round, up, down)
         self.round_idx += 1
         loss = [x if math.isfinite(x) and f not in self.failed else None for f, x in enumerate(per_fed.tolist())]
         clients = self.clients_per_round
         return dict(round=t, loss=loss, up_bytes=up * clients, down_bytes=down * clients,
                     cum_up_bytes=self.ledger.cumulative("up"), cum_down_bytes=self.ledger.cumulative("down"),
-                    failed={f: v["reason"] for f, v in self.failed.items() if f not in already_failed})
+                    failed={f: v["reason"] for f, v in self.failed.items() if f not in already_failed},
+                    update_clip=clip)
 
     def plan_round(self, t):
         """The RoundPlan of round t (fedsim/plan.py; no compute)."""
@@ -277,7 +289,6 @@ class FederatedEngine:
         loss.backward()
         buf = st.end_pass()
         if per_sample:
-            from fedsim.dp import clip_and_noise
             broken = ~torch.isfinite(buf.sq_norms).all(1)         # [Rc]: clipping would hide an inf as a 0
             if bool(broken.any()):
                 for r in broken.nonzero().flatten().tolist():
@@ -314,7 +325,17 @@ class FederatedEngine:
         weights = sizes / sizes.sum(1, keepdim=True)
         clients = {n: self.tensors[n].detach().view(num_federations, per_federation, *self.tensors[n].shape[1:])
                    for n in plan.shared}
+        if self.client_dp is not None:      # client-level DP: clipped updates, equal weights, noise on the average
+            clients, norms = clip_updates(self.global_state, clients, self.update_clip)
+            weights = torch.full_like(weights, 1.0 / per_federation)
         aggregated = self.method.aggregate(self.global_state, clients, weights, plan)
+        if self.client_dp is not None:
+            seeds = [f.seed for f in self.federations]
+            std = self.update_sigma * self.update_clip / per_federation
+            aggregated = add_update_noise(aggregated, plan.shared, std, [(s, "update_noise", plan.round) for s in seeds])
+            if self.client_dp.target_quantile is not None:
+                self.update_clip = adapt_clip(self.update_clip, norms, self.client_dp,
+                                              [(s, "clip_count_noise", plan.round) for s in seeds])
         self.global_state = self.server_opt.step(self.global_state, aggregated, plan.shared)
 
     # ------------------------------------------------------------------ checkpoints
@@ -323,7 +344,8 @@ class FederatedEngine:
         return {"round": self.round_idx, "global": {k: v.cpu() for k, v in self.global_state.items()},
                 "client_state": {k: v.cpu() for k, v in self.client_state.items()},
                 "ledger": self.ledger.state_dict(), "method": self.method.state_dict(), "failed": self.failed,
-                "server_optimizer": self.server_opt.state_dict()}
+                "server_optimizer": self.server_opt.state_dict(),
+                "update_clip": self.update_clip.cpu() if self.client_dp is not None else None}
 
     def load_state_dict(self, d):
         self.round_idx = d["round"]
@@ -333,6 +355,8 @@ class FederatedEngine:
         self.ledger = Ledger.from_state_dict(d["ledger"])
         self.method.load_state_dict(d["method"])
         self.server_opt.load_state_dict(d.get("server_optimizer", {}), self.device)
+        if self.client_dp is not None:
+            self.update_clip = d["update_clip"].to(self.device)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self):

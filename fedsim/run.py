@@ -41,6 +41,13 @@ from fedsim.sampling import PoissonOverflowError
 BOOKKEEPING = ("run.json", "partitions.csv")
 
 
+# What a run's epsilon protects, by dp.unit (summary.json's `protects`)
+PROTECTS = {"sample": "one training sample (DP-SGD: per-sample clipping; q = expected batch / client size, "
+                      "steps = rounds x local steps)",
+            "client": "one client's whole dataset (DP-FedAvg: per-client update clipping; q = clients per round / "
+                      "clients, steps = rounds)"}
+
+
 class RunError(ValueError):
     """A run that cannot start or go on as asked (bad input, a damaged or foreign run directory): the CLI
     prints its message as one line and exits with status 2."""
@@ -58,7 +65,8 @@ class Experiment:
     """Everything built from a config, validated before compute."""
 
     def __init__(self, cfg):
-        from fedsim.dp import max_poisson_batch, noise_multiplier_for
+        from fedsim.dp import ClientDPSetup, max_poisson_batch, noise_multiplier_for, update_noise_multiplier
+        from fedsim.sampling import clients_per_round
         from fedsim.models import resolve_pooling
         from fedsim.tasks import get_task, load_split
         from methods import make_method
@@ -86,15 +94,29 @@ class Experiment:
                                                max_grad_norm=variant.get("dp.max_grad_norm"), partitions=parts,
                                                server_lr=variant.get("server.lr", cfg["server"]["lr"]),
                                                variant=variant, personal_eval=held))
-        self.dp, self.epsilons = None, [None] * len(self.federations)
+        self.dp, self.client_dp, self.epsilons = None, None, [None] * len(self.federations)
         dp = cfg["dp"]
         eps_list = [v.get("dp.epsilon", dp["epsilon"]) for _, v in federations(cfg)]
-        if any(e is not None for e in eps_list):
+        if any(e is not None for e in eps_list) and dp["unit"] == "client":
+            # DP-FedAvg: one release per round, each client in it with probability q = clients per round / clients
+            per_round = clients_per_round(cfg["num_clients"], cfg["client_fraction"])
+            self.sample_rate, self.steps_per_client = per_round / cfg["num_clients"], cfg["rounds"]
+            adaptive = dp["target_quantile"] is not None
+            count_stddev = (dp["clipped_count_stddev"] or per_round / 20) if adaptive else None
+            for f, eps in zip(self.federations, eps_list):
+                f.noise_multiplier = noise_multiplier_for(eps, dp["delta"], self.sample_rate, self.steps_per_client,
+                                                          dp["accountant"])
+                update_noise_multiplier(f.noise_multiplier, count_stddev)     # too little to split: error now
+            self.epsilons = eps_list
+            self.client_dp = ClientDPSetup(max_update_norm=dp["max_update_norm"], target_quantile=dp["target_quantile"],
+                                           clip_lr=dp["clip_lr"], count_stddev=count_stddev)
+        elif any(e is not None for e in eps_list):
             # q = expected batch / mean client size. Partitions cover every row, so the mean client size is
             # rows / clients for every seed: q never depends on which federations share the pass.
             q = min(1.0, cfg["batch_size"] * cfg["num_clients"] / len(self.train_rows))
             sizes = [len(p) for f in self.federations for p in f.partitions]     # max_batch: padding only, exact
             self.steps_per_client = cfg["rounds"] * cfg["local_steps"]   # upper bound: every round sampled
+            self.sample_rate = q
             for f, eps in zip(self.federations, eps_list):
                 f.noise_multiplier = noise_multiplier_for(eps, dp["delta"], q, self.steps_per_client, dp["accountant"])
             self.epsilons = eps_list
@@ -128,7 +150,7 @@ class Experiment:
                             optimizer=cfg["optimizer"], dp=self.dp, replica_chunk=cfg["replica_chunk"],
                             device=self.device, eval_sets=evals, eval_batch_size=cfg["eval_batch_size"],
                             precision=cfg["precision"],
-                            server={k: v for k, v in cfg["server"].items() if k != "lr"})
+                            server={k: v for k, v in cfg["server"].items() if k != "lr"}, client_dp=self.client_dp)
 
     def tune(self, engine):
         """Replicas per forward/backward unless the config fixes it: all of them on a GPU; on a CPU a
@@ -224,6 +246,8 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
             rec = dict(round=t + 1, federation=i, seed=f.seed, variant=f.variant, loss=info["loss"][i],
                        up_bytes=info["up_bytes"], cum_up_bytes=info["cum_up_bytes"],
                        cum_down_bytes=info["cum_down_bytes"], wall_s=round(wall, 3))
+            if info["update_clip"] is not None:          # client-level DP: the update clip this round used
+                rec["update_clip"] = info["update_clip"][i]
             if i in info["failed"]:
                 rec["failed"] = info["failed"][i]
                 rec.update({f"acc_{k}": None for k in exp.eval_splits})
@@ -292,6 +316,7 @@ def summarize(exp, engine, records, wall):
     """summary.json: status, then per federation its final accuracies (null if it failed), loss, bytes, epsilon."""
     from fedsim.dp import epsilon_spent
     cfg = exp.cfg
+    private = exp.dp is not None or exp.client_dp is not None
     feds = []
     for i, f in enumerate(exp.federations):
         mine = [r for r in records if r["federation"] == i]
@@ -306,17 +331,18 @@ def summarize(exp, engine, records, wall):
             entry["failure"] = dict(failure)
         elif last.get("personal_per_client") is not None:       # each client's own model on its held-out rows
             entry["final_personal_per_client"] = last["personal_per_client"]
-        if exp.dp is not None:
+        if private:
             entry.update(noise_multiplier=f.noise_multiplier, target_epsilon=exp.epsilons[i],
-                         epsilon_spent=epsilon_spent(f.noise_multiplier, exp.dp.sample_rate, exp.steps_per_client,
+                         epsilon_spent=epsilon_spent(f.noise_multiplier, exp.sample_rate, exp.steps_per_client,
                                                      cfg["dp"]["delta"], cfg["dp"]["accountant"]),
-                         delta=cfg["dp"]["delta"], sample_rate=exp.dp.sample_rate,
+                         delta=cfg["dp"]["delta"], sample_rate=exp.sample_rate,
                          steps_per_client=exp.steps_per_client)
         feds.append(entry)
     n_failed = len(engine.failed)
     status = "finished" if not n_failed else f"failed: {n_failed} of {len(feds)} federations diverged"
     return dict(status=status, task=cfg["task"], method=cfg["method"]["name"], pooling=exp.pooling,
-                rounds_done=engine.round_idx, private=exp.dp is not None, wall_s=round(wall, 2), federations=feds)
+                rounds_done=engine.round_idx, private=private, wall_s=round(wall, 2), federations=feds,
+                **(dict(dp_unit=cfg["dp"]["unit"], protects=PROTECTS[cfg["dp"]["unit"]]) if private else {}))
 
 
 def failure_lines(summary):

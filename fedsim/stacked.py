@@ -5,7 +5,9 @@ LoRA A [R, r, in], B [R, out, r]; head weight [R, out, in], bias [R, out]. A ste
 replica-major ([Rc*b, T] rows, each replica's b samples contiguous), so the adapter path is two
 batched matmuls over [Rc, b*T, in]. `active` selects the chunk of replicas [r0, r1) a pass runs.
 A LoRA layer may also carry a per-replica sparse delta on its frozen base weight (SLoRA's stage 1):
-values [R, nnz] at positions (rows, cols) shared by all replicas, applied by gather/index_add.
+values [R, nnz] at positions (rows, cols) shared by all replicas, applied by gather/index_add; and a dense
+per-replica `folded` delta [R, out, in] that nobody trains (updates FedEx-LoRA and FLoRA fold into the frozen
+weight, each federation its own), applied as one more batched matmul.
 
 Gradients of the trainable tensors never go through autograd's parameter accumulation: each layer's
 backward computes them itself -- summed per replica, or per sample when DP needs them -- as one
@@ -180,15 +182,26 @@ class _SparseDelta(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+def _folded_delta(x, folded):
+    """x [Rc, L, in] @ folded^T per replica -> [Rc, L, out] in the adapters' precision, autocast off (x comes
+    in that precision); plain autograd: folded is frozen, so only x gets a gradient."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.bmm(x, folded.transpose(1, 2))
+
+
 class StackedLoRALinear(nn.Module):
     """A frozen nn.Linear shared by all replicas plus per-replica LoRA factors (peft's layout per replica)."""
 
-    def __init__(self, base: nn.Linear, name: str, num_replicas: int, rank: int, state: _StackedState):
+    def __init__(self, base: nn.Linear, name: str, num_replicas: int, rank: int, state: _StackedState,
+                 folded=False):
         super().__init__()
         self.base, self.name, self.state, self.rank = base, name, state, rank
         kw = dict(dtype=base.weight.dtype, device=base.weight.device)   # fp32 unless the backbone is fp64
         self.A = nn.Parameter(torch.zeros(num_replicas, rank, base.in_features, **kw), requires_grad=False)
         self.B = nn.Parameter(torch.zeros(num_replicas, base.out_features, rank, **kw), requires_grad=False)
+        # folded: a dense per-replica delta on the frozen weight, never trained (gradients flow to x only)
+        self.folded = nn.Parameter(torch.zeros(num_replicas, base.out_features, base.in_features, **kw),
+                                   requires_grad=False) if folded else None
         self.register_buffer("scale", torch.ones(num_replicas, **kw))
         self.register_parameter("sparse", None)                     # optional sparse delta (set_sparse)
         self.register_buffer("sparse_rows", None)
@@ -212,6 +225,8 @@ class StackedLoRALinear(nn.Module):
         delta = _LoRADelta.apply(xr, A, B, scale, self)
         if self.sparse is not None:
             delta = delta + _SparseDelta.apply(xr, self.sparse[st.active], self.sparse_rows, self.sparse_cols, self)
+        if self.folded is not None:
+            delta = delta + _folded_delta(xr, self.folded[st.active])
         return h + st.unpad_tokens(delta, h).to(h.dtype)
 
 
@@ -302,7 +317,8 @@ class StackedModel(nn.Module):
 
     runs_packed_rows = True     # a pass computes only its selected rows (the engine may split a step by length)
 
-    def __init__(self, model, num_replicas, rank, targets=("query", "value"), head="classifier", packed_tokens=True):
+    def __init__(self, model, num_replicas, rank, targets=("query", "value"), head="classifier", packed_tokens=True,
+                 folded=False):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1 (got {rank}); set lora.rank to a positive integer")
@@ -312,7 +328,7 @@ class StackedModel(nn.Module):
         self.state = _StackedState()
         self.lora = {}
         for name in target_module_names(model, list(targets) if not isinstance(targets, str) else targets, head):
-            layer = StackedLoRALinear(model.get_submodule(name), name, num_replicas, rank, self.state)
+            layer = StackedLoRALinear(model.get_submodule(name), name, num_replicas, rank, self.state, folded)
             _set_module(model, name, layer)
             self.lora[name] = layer
         self.heads = {}
@@ -337,9 +353,12 @@ class StackedModel(nn.Module):
         self.rank = rank
 
     def tensors(self):
-        """Canonical name -> stacked tensor, in canonical order (per module sparse if any, A, B; head last)."""
+        """Canonical name -> stacked tensor, in canonical order (per module folded and sparse if any, A, B; head
+        last)."""
         out = {}
         for name, layer in self.lora.items():
+            if layer.folded is not None:
+                out[name + ".folded"] = layer.folded
             if layer.sparse is not None:
                 out[name + ".sparse"] = layer.sparse
             out[name + ".lora_A"], out[name + ".lora_B"] = layer.A, layer.B

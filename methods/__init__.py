@@ -8,8 +8,11 @@ from methods.fedsa_lora import FedSALoRA
 from methods.slora import SLoRA
 from methods.fedprox import FedProx
 from methods.scaffold import Scaffold
+from methods.fedex_lora import FedExLoRA
+from methods.flora import FLoRA
 
-METHODS = {m.name: m for m in (FedAvgLoRA, FedAvgFFT, SLoRA, FFALoRA, SAFedLoRA, FedSALoRA, FedProx, Scaffold)}
+METHODS = {m.name: m for m in (FedAvgLoRA, FedAvgFFT, SLoRA, FFALoRA, SAFedLoRA, FedSALoRA, FedProx, Scaffold,
+                                       FedExLoRA, FLoRA)}
 
 
 def make_method(method_cfg: dict, lora_cfg: dict) -> Method:

@@ -55,6 +55,12 @@ class Change:
 class Method:
     name = "base"
     Params = None            # a dataclass of the method's own config keys
+    # Why client-level DP (fedsim.dp: clipped, noised average of the shared tensors' updates) would not protect
+    # what this method's clients send, or None where it does.
+    client_dp_unsupported = None
+    # Why a server optimizer (methods/server_optimizers.py: a step on the aggregate's update of each shared
+    # tensor) would not make sense for this method, or None where it does.
+    server_optimizer_unsupported = None
 
     def __init__(self, lora: LoRAParams, **params):
         valid = [f.name for f in fields(self.Params)] if self.Params else []
@@ -117,7 +123,7 @@ class Method:
             new[name] = torch.einsum("fm,fm...->f...", weights.to(stack.dtype), stack)
         return new
 
-    def payload_bytes(self, global_state, round_idx):
+    def payload_bytes(self, global_state, round_idx, clients_per_round):
         """(upload, download) bytes per participating client this round: the shared tensors, each way."""
         up = sum(t[0].numel() * t.element_size() for n, t in global_state.items() if self.shared(n, round_idx))
         return up, up

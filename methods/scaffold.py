@@ -29,6 +29,8 @@ from methods.fedavg_lora import FedAvgLoRA
 class Scaffold(FedAvgLoRA):
     name = "scaffold"
     Params = None
+    client_dp_unsupported = ("its clients also upload control-variate changes (x - y_i) / (K lr), an unclipped, "
+                             "unnoised copy of their update")
 
     def __init__(self, lora, **params):
         super().__init__(lora, **params)
@@ -63,8 +65,8 @@ class Scaffold(FedAvgLoRA):
             self.server_c[name] = c + (fresh - old).sum(1) / plan.num_clients
         return new
 
-    def payload_bytes(self, global_state, round_idx):
-        up, down = super().payload_bytes(global_state, round_idx)
+    def payload_bytes(self, global_state, round_idx, clients_per_round):
+        up, down = super().payload_bytes(global_state, round_idx, clients_per_round)
         return 2 * up, 2 * down                               # the model's tensors and their control variates
 
     def state_dict(self):

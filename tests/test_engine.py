@@ -76,7 +76,7 @@ def test_bad_experiment_inputs_fail_before_model_loading(tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
         Experiment(load_config(overrides={"task": "squad"}))
     with pytest.raises(ValueError, match="unknown method"):
-        Experiment(load_config(overrides={"method": {"name": "fedprox"}}))
+        Experiment(load_config(overrides={"method": {"name": "qfedavg"}}))
     with pytest.raises(ValueError, match="clients"):
         Experiment(load_config(overrides={"task": "rte", "train_subsample": 20, "num_clients": 50,
                                           "partition": {"name": "iid"}}))

@@ -114,6 +114,8 @@ METHODS = [
     {"name": "fedsa_lora"},                                            # client-local B, stored per client id
     {"name": "fedprox", "mu": 0.5},                                    # proximal term toward each one's global
     {"name": "scaffold"},                                              # control variates per federation, client
+    {"name": "fedex_lora"},                                            # residual folded into each one's weights
+    {"name": "flora"},                                                 # products folded, fresh factors per round
 ]
 
 

@@ -69,10 +69,10 @@ def test_ffa_uploads_half_the_adapter_bytes(make_model):
     state = fedavg.init_global(stacked.layout(1), [0]).global_state
     head = sum(t[0].numel() * t.element_size() for n, t in state.items() if n.startswith("classifier"))
     b_bytes = sum(t[0].numel() * t.element_size() for n, t in state.items() if n.endswith(".lora_B"))
-    up_avg, _ = fedavg.payload_bytes(state, 0)
+    up_avg, _ = fedavg.payload_bytes(state, 0, 1)
     for train_head, extra in ((True, head), (False, 0)):
         ffa = make_method({"name": "ffa_lora", "train_head": train_head}, lora)
-        up, down = ffa.payload_bytes(ffa.init_global(stacked.layout(1), [0]).global_state, 0)
+        up, down = ffa.payload_bytes(ffa.init_global(stacked.layout(1), [0]).global_state, 0, 1)
         assert up == down == b_bytes + extra            # A never travels: clients re-derive it from the seed
         assert 2 * (up - extra) == up_avg - head       # query/value are square: B is half the adapter
 

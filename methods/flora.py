@@ -1,0 +1,51 @@
+"""FLoRA (Wang, Shen, Tsai, Chen, Hong, Chen, "FLoRA: Federated Fine-Tuning Large Language Models with
+Heterogeneous Low-Rank Adaptations", NeurIPS 2024, arXiv 2409.05976): aggregate by stacking.
+
+Each round the clients train fresh LoRA factors; the server stacks them, A_stack = [w_1 A_1; ...; w_m A_m] and
+B_stack = [B_1, ..., B_m], whose product B_stack A_stack = sum_i w_i B_i A_i is the exact weighted mean of the
+clients' updates. Every client receives the stack and merges it into its frozen weight, then starts the next
+round from newly initialised LoRA factors:
+
+    W_folded <- W_folded + scale sum_i w_i B_i A_i,   A <- fresh Kaiming-uniform (keyed by seed, round),  B <- 0.
+
+Interpretations:
+- W_folded is each federation's own dense delta on every adapted weight (`<target>.folded`); the stack is
+  never materialised, only its product (the same numbers up to float rounding).
+- The paper's point is heterogeneous client ranks, which stacking allows; here every client has the run's
+  rank (HetLoRA covers per-client ranks with zero-padding).
+- Upload per client: its A_i, B_i and the head; download: the whole stack (m clients' A and B) and the head.
+- Server optimizers and client-level DP are refused, as for FedEx-LoRA: the merged product is built from each
+  client's own factors.
+"""
+import torch
+
+from fedsim.rng import torch_generator
+from methods.base import kaiming_uniform_A
+from methods.fedex_lora import FedExLoRA
+
+
+class FLoRA(FedExLoRA):
+    name = "flora"
+    server_optimizer_unsupported = "the server merges the clients' stacked factors, it keeps no averaged A and B"
+    client_dp_unsupported = "the merged product is built from each client's own B_i A_i, not from clipped, noised averages"
+
+    def init_global(self, layout, seeds):
+        self.seeds = list(seeds)                            # fresh A every round, keyed by the federation's seed
+        return super().init_global(layout, seeds)
+
+    def aggregate(self, global_state, client_states, weights, plan):
+        new = super(FedExLoRA, self).aggregate(global_state, client_states, weights, plan)    # the head: FedAvg
+        for name in self.adapters(global_state):
+            new[name + ".folded"] = global_state[name + ".folded"] + self.mean_product(name, client_states, weights)
+            A = global_state[name + ".lora_A"]
+            new[name + ".lora_A"] = torch.stack([kaiming_uniform_A(
+                A.shape[1:], torch_generator(s, "lora_A", name, plan.round + 1)) for s in self.seeds]).to(A)
+            new[name + ".lora_B"] = torch.zeros_like(global_state[name + ".lora_B"])
+        return new
+
+    def payload_bytes(self, global_state, round_idx, clients_per_round):
+        factors = sum(t[0].numel() * t.element_size() for n, t in global_state.items()
+                      if n.endswith((".lora_A", ".lora_B")))
+        head = sum(t[0].numel() * t.element_size() for n, t in global_state.items()
+                   if self.shared(n, round_idx) and not n.endswith((".lora_A", ".lora_B")))
+        return factors + head, clients_per_round * factors + head
