@@ -163,12 +163,11 @@ class FederatedEngine:
         per_fed = (losses / self.local_steps).view(len(self.federations), self.clients_per_round).mean(1)
         self._freeze_failed(t, per_fed, last_finite)
         self._store_client_state(plan)
-        up, down = self.method.payload_bytes(self.global_state, t, self.clients_per_round)
-        self.ledger.record(t, self.clients_per_round, up, down)
+        self.ledger.record(t, self.clients_per_round, *self.method.payload_bytes(self.global_state, plan))
         self.round_idx += 1
         loss = [x if math.isfinite(x) and f not in self.failed else None for f, x in enumerate(per_fed.tolist())]
-        clients = self.clients_per_round
-        return dict(round=t, loss=loss, up_bytes=up * clients, down_bytes=down * clients,
+        sent = self.ledger.rounds[-1]
+        return dict(round=t, loss=loss, up_bytes=sent["up"], down_bytes=sent["down"],     # per federation
                     cum_up_bytes=self.ledger.cumulative("up"), cum_down_bytes=self.ledger.cumulative("down"),
                     failed={f: v["reason"] for f, v in self.failed.items() if f not in already_failed},
                     update_clip=clip)
@@ -186,7 +185,12 @@ class FederatedEngine:
         for name, g in self.global_state.items():
             self.tensors[name].copy_(g.repeat_interleave(self.clients_per_round, 0))
         self._load_client_state(plan)
+        plan.client_masks = {}               # what each client holds of a tensor (HetLoRA: its rank's slots)
         for name, p in self.tensors.items():
+            keep = self.method.client_mask(name, tuple(p.shape[1:]), plan.client_ids)
+            if keep is not None:
+                plan.client_masks[name] = keep.to(self.device)
+                p.mul_(plan.client_masks[name])
             p.requires_grad_(name in plan.trained)
 
     def _replica_index(self, plan):
@@ -313,6 +317,8 @@ class FederatedEngine:
                                                              client_ids)
             if regularizer is not None:
                 grads[name] = grads[name] + regularizer
+            if name in plan.client_masks:    # slots a client does not hold stay zero (DP noise included)
+                grads[name] = grads[name] * plan.client_masks[name][rs]
         opt.step(self.tensors, grads, rs)
         with torch.no_grad():
             per_replica = (ce.detach() * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -29,6 +29,7 @@ class RoundPlan:
     num_clients: int = 0            # clients of each federation (sampled or not)
     local_steps: int = 0            # K local steps per sampled client
     lrs: tuple = ()                 # per federation: its client learning rate
+    client_masks: dict | None = None  # {name: [R, *shape] 0/1}: what each client holds (set by begin_round)
 
     def clients_of(self, rs=slice(None)):
         """(federation index [Rc], client id [Rc]) of the replicas rs, as long tensors."""

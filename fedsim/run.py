@@ -244,8 +244,8 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
             if i in engine.failed and i not in info["failed"]:
                 continue                          # failed in an earlier round: no more records
             rec = dict(round=t + 1, federation=i, seed=f.seed, variant=f.variant, loss=info["loss"][i],
-                       up_bytes=info["up_bytes"], cum_up_bytes=info["cum_up_bytes"],
-                       cum_down_bytes=info["cum_down_bytes"], wall_s=round(wall, 3))
+                       up_bytes=info["up_bytes"][i], cum_up_bytes=info["cum_up_bytes"][i],
+                       cum_down_bytes=info["cum_down_bytes"][i], wall_s=round(wall, 3))
             if info["update_clip"] is not None:          # client-level DP: the update clip this round used
                 rec["update_clip"] = info["update_clip"][i]
             if i in info["failed"]:

@@ -10,9 +10,10 @@ from methods.fedprox import FedProx
 from methods.scaffold import Scaffold
 from methods.fedex_lora import FedExLoRA
 from methods.flora import FLoRA
+from methods.hetlora import HetLoRA
 
 METHODS = {m.name: m for m in (FedAvgLoRA, FedAvgFFT, SLoRA, FFALoRA, SAFedLoRA, FedSALoRA, FedProx, Scaffold,
-                                       FedExLoRA, FLoRA)}
+                               FedExLoRA, FLoRA, HetLoRA)}
 
 
 def make_method(method_cfg: dict, lora_cfg: dict) -> Method:

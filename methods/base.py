@@ -123,9 +123,15 @@ class Method:
             new[name] = torch.einsum("fm,fm...->f...", weights.to(stack.dtype), stack)
         return new
 
-    def payload_bytes(self, global_state, round_idx, clients_per_round):
-        """(upload, download) bytes per participating client this round: the shared tensors, each way."""
-        up = sum(t[0].numel() * t.element_size() for n, t in global_state.items() if self.shared(n, round_idx))
+    def client_mask(self, name, shape, client_ids):
+        """Which slots of tensor `name` (per replica shape `shape`) the clients client_ids hold: a 0/1 tensor
+        [len(client_ids), *shape], or None for all. The engine zeroes the rest on receipt and in every gradient."""
+        return None
+
+    def payload_bytes(self, global_state, plan):
+        """(upload, download) bytes per participating client this round: the shared tensors, each way. Each is
+        one number (every client the same) or a list with one per replica (plan.client_ids order)."""
+        up = sum(t[0].numel() * t.element_size() for n, t in global_state.items() if self.shared(n, plan.round))
         return up, up
 
 

@@ -67,7 +67,7 @@ class FedExLoRA(FedAvgLoRA):
                 self.mean_product(name, client_states, weights) - averaged)
         return new
 
-    def payload_bytes(self, global_state, round_idx, clients_per_round):
-        up, down = super().payload_bytes(global_state, round_idx, clients_per_round)
+    def payload_bytes(self, global_state, plan):
+        up, down = super().payload_bytes(global_state, plan)
         residual = sum(t[0].numel() * t.element_size() for n, t in global_state.items() if n.endswith(".folded"))
         return up, down + residual

@@ -43,9 +43,9 @@ class FLoRA(FedExLoRA):
             new[name + ".lora_B"] = torch.zeros_like(global_state[name + ".lora_B"])
         return new
 
-    def payload_bytes(self, global_state, round_idx, clients_per_round):
+    def payload_bytes(self, global_state, plan):
         factors = sum(t[0].numel() * t.element_size() for n, t in global_state.items()
                       if n.endswith((".lora_A", ".lora_B")))
         head = sum(t[0].numel() * t.element_size() for n, t in global_state.items()
-                   if self.shared(n, round_idx) and not n.endswith((".lora_A", ".lora_B")))
-        return factors + head, clients_per_round * factors + head
+                   if self.shared(n, plan.round) and not n.endswith((".lora_A", ".lora_B")))
+        return factors + head, len(plan.sampled[0]) * factors + head

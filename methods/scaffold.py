@@ -65,8 +65,8 @@ class Scaffold(FedAvgLoRA):
             self.server_c[name] = c + (fresh - old).sum(1) / plan.num_clients
         return new
 
-    def payload_bytes(self, global_state, round_idx, clients_per_round):
-        up, down = super().payload_bytes(global_state, round_idx, clients_per_round)
+    def payload_bytes(self, global_state, plan):
+        up, down = super().payload_bytes(global_state, plan)
         return 2 * up, 2 * down                               # the model's tensors and their control variates
 
     def state_dict(self):

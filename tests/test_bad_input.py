@@ -103,6 +103,7 @@ CASES = [
     ("sweep-server-lr-negative", ["sweep={server.lr: [0.1, -1]}"], "server.lr must be > 0"),
     ("fedex-server-optimizer", ["method.name=fedex_lora", "server.optimizer=fedadam"], "use server.optimizer=fedavg"),
     ("flora-client-dp", ["method.name=flora", "dp.unit=client"], "client-level DP cannot protect method flora"),
+    ("hetlora-rank-above-global", ["method={name: hetlora, rank_choices: [4, 16]}"], "must be integers in 1..8"),
     ("dp-unit-unknown", ["dp.unit=user"], "dp.unit must be sample"),
     ("client-dp-every-client", ["dp.unit=client", "client_fraction=1"], "set client_fraction below 1"),
     ("client-dp-scaffold", ["dp.unit=client", "method.name=scaffold"], "client-level DP cannot protect method scaffold"),

@@ -33,9 +33,9 @@ def test_ledger_counts_exact_lora_payload(make_model, sst2_small):
     info = eng.run_round()
     hidden, layers, labels, r = 384, 2, 2, 4
     per_client = 4 * (layers * 2 * (r * hidden + hidden * r) + labels * hidden + labels)   # fp32 A, B, head
-    assert info["up_bytes"] == 2 * per_client and info["down_bytes"] == 2 * per_client
+    assert info["up_bytes"] == [2 * per_client] and info["down_bytes"] == [2 * per_client]   # per federation
     eng.run_round()
-    assert eng.ledger.cumulative("up") == 4 * per_client
+    assert eng.ledger.cumulative("up") == [4 * per_client]
 
 
 def test_evaluate_gives_one_accuracy_per_federation(make_model, sst2_small):

@@ -116,6 +116,7 @@ METHODS = [
     {"name": "scaffold"},                                              # control variates per federation, client
     {"name": "fedex_lora"},                                            # residual folded into each one's weights
     {"name": "flora"},                                                 # products folded, fresh factors per round
+    {"name": "hetlora", "rank_choices": [1, 2, 4]},                    # client ranks keyed by each one's seed
 ]
 
 

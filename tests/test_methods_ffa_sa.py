@@ -1,5 +1,6 @@
 """FFA-LoRA (frozen shared A) and SA-FedLoRA (proximal start, SVD-truncated rank annealing)."""
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -62,6 +63,9 @@ def test_ffa_freezes_shared_A_and_equals_reference(make_model, sst2_small):
     assert_same({k: v[0] for k, v in eng.global_state.items()}, ref)
 
 
+ROUND_0 = SimpleNamespace(round=0)     # payload_bytes reads only the round of a plan
+
+
 def test_ffa_uploads_half_the_adapter_bytes(make_model):
     stacked = StackedModel(make_model(), 1, 4, QV)
     lora = {"rank": 4, "alpha": 8.0, "targets": QV}
@@ -69,10 +73,10 @@ def test_ffa_uploads_half_the_adapter_bytes(make_model):
     state = fedavg.init_global(stacked.layout(1), [0]).global_state
     head = sum(t[0].numel() * t.element_size() for n, t in state.items() if n.startswith("classifier"))
     b_bytes = sum(t[0].numel() * t.element_size() for n, t in state.items() if n.endswith(".lora_B"))
-    up_avg, _ = fedavg.payload_bytes(state, 0, 1)
+    up_avg, _ = fedavg.payload_bytes(state, ROUND_0)
     for train_head, extra in ((True, head), (False, 0)):
         ffa = make_method({"name": "ffa_lora", "train_head": train_head}, lora)
-        up, down = ffa.payload_bytes(ffa.init_global(stacked.layout(1), [0]).global_state, 0, 1)
+        up, down = ffa.payload_bytes(ffa.init_global(stacked.layout(1), [0]).global_state, ROUND_0)
         assert up == down == b_bytes + extra            # A never travels: clients re-derive it from the seed
         assert 2 * (up - extra) == up_avg - head       # query/value are square: B is half the adapter
 
