@@ -26,7 +26,7 @@ from fedsim import config as C
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs"
 PROFILES = ("smoke", "quick", "paper")
-FAMILIES = ("ffa_table", "dp_recipe", "heterogeneity", "alpha", "rank", "slora", "communication")
+FAMILIES = ("ffa_table", "dp_recipe", "heterogeneity", "alpha", "rank", "slora", "communication", "methods")
 
 
 # ----------------------------------------------------------------------------- profiles and paths
