@@ -44,3 +44,9 @@ class SLoRASweep:
 class Communication:
     runs: list                  # the other family's runs this view used
     table: pd.DataFrame         # per task, partition, method: accuracy, upload, bytes to target, reductions
+
+
+@dataclass(frozen=True)
+class MethodsTable:
+    table: pd.DataFrame         # task, method label: accuracy, difference to FedAvg-LoRA, upload, DP unit, epsilon
+    personal: pd.DataFrame      # task, method label, client: personalized accuracy (mean over seeds)
