@@ -11,8 +11,9 @@ to load it on (model, num_hidden_layers, num_labels, pooling) and which federati
 
 lora_alpha is written as scale * r, so peft's scaling (lora_alpha / r) equals the engine's per-federation
 scale also when the rank changed during training (SA-FedLoRA) or alpha was a sweep variant. Not exportable:
-FedAvg-FFT (no adapter: every weight is trained; fedsim.run does not keep its final state) and a SLoRA run
-that ended in stage 1 (a sparse delta, not LoRA).
+FedAvg-FFT (no adapter: every weight is trained; fedsim.run does not keep its final state), a SLoRA run
+that ended in stage 1 (a sparse delta, not LoRA) and FedEx-LoRA / FLoRA (a dense delta folded into the frozen
+weights).
 
 Loading it:
     from fedsim.models import load_backbone
@@ -70,6 +71,10 @@ def export_peft(run_dir, out_dir, federation=0):
                          f"last finite one, not a trained model; export another federation")
     if any(k.endswith(".sparse") for k in glob):
         raise ValueError("this SLoRA run ended in stage 1 (a sparse delta, not LoRA): nothing to export as peft LoRA")
+    if any(k.endswith(".folded") for k in glob):
+        raise ValueError("this run folded updates into the frozen weights (FedEx-LoRA, FLoRA): its model is not a "
+                         "LoRA adapter on the pretrained backbone, so it cannot be exported as one; its final_global.pt "
+                         "holds each adapted weight's dense delta under '<module>.folded'")
     modules = [k[: -len(".lora_A")] for k in glob if k.endswith(".lora_A")]
     if not modules:
         raise ValueError(f"no LoRA tensors in {run_dir / 'final_global.pt'}")

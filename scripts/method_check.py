@@ -1,5 +1,6 @@
-"""Short CPU runs of every method on MNLI (3 clients, Dirichlet 0.5) and 20 Newsgroups (10 clients,
-Dirichlet 0.1), with and without DP (eps=3): final accuracy and bytes uploaded per round.
+"""Short CPU runs of every method (and every server optimizer on FedAvg-LoRA) on MNLI (3 clients, Dirichlet
+0.5) and 20 Newsgroups (10 clients, Dirichlet 0.1), without DP, with sample-level DP (eps=3) and, where clients
+are sampled, client-level DP (eps=3): final accuracy and bytes uploaded per round.
 
     python -m scripts.method_check [--rounds 4] [--layers 4] [--out results/method_check]
 
@@ -12,17 +13,32 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedsim.config import load_config
+from fedsim.config import DEFAULTS, load_config
 from fedsim.run import run
+from methods import make_method
 
+# name: (method section, client learning rate, other config overrides)
 METHODS = {
-    "fedavg_fft": ({"name": "fedavg_fft"}, 1e-4),
-    "fedavg_lora": ({"name": "fedavg_lora"}, 2e-3),
-    "ffa_lora": ({"name": "ffa_lora"}, 2e-3),
-    "slora": ({"name": "slora", "stage1_rounds": 2, "density": 0.01}, 2e-3),
-    "sa_fedlora": ({"name": "sa_fedlora", "init_rounds": 1, "anneal_rounds": 2, "cooling_rank": 2}, 2e-3),
-    "fedsa_lora": ({"name": "fedsa_lora"}, 2e-3),     # accuracy: the global model (A, head; B at zero)
+    "fedavg_fft": ({"name": "fedavg_fft"}, 1e-4, {}),
+    "fedavg_lora": ({"name": "fedavg_lora"}, 2e-3, {}),
+    "ffa_lora": ({"name": "ffa_lora"}, 2e-3, {}),
+    "slora": ({"name": "slora", "stage1_rounds": 2, "density": 0.01}, 2e-3, {}),
+    "sa_fedlora": ({"name": "sa_fedlora", "init_rounds": 1, "anneal_rounds": 2, "cooling_rank": 2}, 2e-3, {}),
+    "fedsa_lora": ({"name": "fedsa_lora"}, 2e-3, {}),     # accuracy: the global model (A, head; B at zero)
+    "fedprox": ({"name": "fedprox", "mu": 0.01}, 2e-3, {}),
+    "scaffold": ({"name": "scaffold"}, 2e-3, {}),
+    "fedex_lora": ({"name": "fedex_lora"}, 2e-3, {}),
+    "flora": ({"name": "flora"}, 2e-3, {}),
+    "hetlora": ({"name": "hetlora", "rank_choices": [2, 4, 8]}, 2e-3, {}),
+    "fedavg_lora+fedavgm": ({"name": "fedavg_lora"}, 2e-3, {"server": {"optimizer": "fedavgm", "lr": 0.3}}),
+    "fedavg_lora+fedadam": ({"name": "fedavg_lora"}, 2e-3, {"server": {"optimizer": "fedadam", "lr": 0.01}}),
+    "fedavg_lora+fedyogi": ({"name": "fedavg_lora"}, 2e-3, {"server": {"optimizer": "fedyogi", "lr": 0.01}}),
+    "fedavg_lora+fedadagrad": ({"name": "fedavg_lora"}, 2e-3, {"server": {"optimizer": "fedadagrad", "lr": 0.01}}),
 }
+# privacy: (label, dp overrides); client-level DP runs only where clients are sampled (q < 1) and the method's
+# uploads can be protected by it (methods.base.Method.client_dp_unsupported)
+PRIVACY = [("none", {}), ("sample eps=3", {"epsilon": 3.0, "unit": "sample"}),
+           ("client eps=3", {"epsilon": 3.0, "unit": "client"})]
 TASKS = {
     "mnli": dict(task="mnli", num_clients=3, client_fraction=1.0, partition={"name": "dirichlet", "alpha": 0.5},
                  max_length=64),
@@ -56,22 +72,24 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rows = []
     for task, tcfg in TASKS.items():
-        for method, (mcfg, lr) in METHODS.items():
-            for eps in (None, 3.0):
-                if eps and method == "fedavg_fft":
+        for method, (mcfg, lr, extra) in METHODS.items():
+            for privacy, dp in PRIVACY:
+                if dp and method == "fedavg_fft":
                     continue   # per-sample grads of all 22M weights (11.7M embedding) per sample: GPU-only scale
-                name = f"{task}_{method}_{'eps3' if eps else 'nodp'}"
+                if dp.get("unit") == "client" and (tcfg["client_fraction"] == 1.0 or
+                                                   make_method(mcfg, DEFAULTS["lora"]).client_dp_unsupported):
+                    continue
+                name = f"{task}_{method}_{privacy.replace(' ', '_').replace('=', '')}"
                 cfg = load_config(overrides=dict(
                     tcfg, method=mcfg, num_hidden_layers=args.layers, train_subsample=args.train_rows,
                     eval_subsample=args.eval_rows, rounds=args.rounds, local_steps=args.steps, batch_size=16,
-                    eval_every=args.rounds, seeds=[0], **{"optimizer.name": "adamw", "optimizer.lr": lr,
-                                                          "dp.epsilon": eps}))
+                    eval_every=args.rounds, seeds=[0], optimizer={"name": "adamw", "lr": lr}, dp=dp, **extra))
                 s = run(cfg, Path(args.out) / name, progress=False)
                 fed = s["federations"][0]
-                rows.append(dict(task=task, method=method, dp=f"eps={eps:g}" if eps else "none", status=s["status"],
+                rows.append(dict(task=task, method=method, dp=privacy, status=s["status"],
                                  accuracy=round(next(iter((fed["final"] or {}).values()), float("nan")), 4),
                                  upload_MB_per_round=upload_by_round(Path(args.out) / name),
-                                 epsilon_spent=round(fed["epsilon_spent"], 3) if eps else None,
+                                 epsilon_spent=round(fed["epsilon_spent"], 3) if dp else None,
                                  wall_s=s["wall_s"]))
                 print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
