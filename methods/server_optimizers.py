@@ -48,7 +48,8 @@ class ServerOptimizer:
     def step(self, global_state, aggregated, names):
         """New global state: aggregated, with the tensors in `names` moved by this optimizer instead."""
         new = dict(aggregated)
-        for name in names:
+        self.state = {n: s for n, s in self.state.items() if n in names}     # tensors no longer shared (a stage
+        for name in names:                                                   # switch) leave their moments
             x, agg = global_state.get(name), aggregated[name]
             if x is None or x.shape != agg.shape:
                 self.state.pop(name, None)          # a new parameterisation: start its moments over

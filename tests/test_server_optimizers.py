@@ -75,3 +75,20 @@ def test_unknown_server_optimizer_is_refused():
     from methods.server_optimizers import make_server_optimizer
     with pytest.raises(ValueError, match="unknown server.optimizer 'fedadamw'; valid: .*fedadam"):
         make_server_optimizer("fedadamw", torch.ones(1))
+
+
+def test_moments_restart_when_the_method_changes_what_it_shares(make_model, sst2_small):
+    """SLoRA's switch from sparse deltas to LoRA factors: the sparse deltas' moments are dropped, the factors
+    start theirs from zero (their first step is FedAdam's first step, not a continuation)."""
+    eng, _ = _engine(make_model, sst2_small, {"optimizer": "fedadam"}, server_lrs=[0.01],
+                     method={"name": "slora", "stage1_rounds": 1, "density": 0.05})
+    eng.run_round()
+    assert any(n.endswith(".sparse") for n in eng.server_opt.state)
+    eng.run_round()
+    names = set(eng.server_opt.state)
+    assert not any(n.endswith(".sparse") for n in names) and any(n.endswith(".lora_B") for n in names)
+    m = eng.server_opt.state[next(n for n in names if n.endswith(".lora_B"))]["m"]
+    v = eng.server_opt.state[next(n for n in names if n.endswith(".lora_B"))]["v"]
+    # after one step from m = 0, v = tau^2: m = (1 - beta1) delta, v = beta2 tau^2 + (1 - beta2) delta^2
+    delta = m / 0.1
+    torch.testing.assert_close(v, 0.99 * 1e-6 + 0.01 * delta * delta)
