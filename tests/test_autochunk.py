@@ -1,5 +1,5 @@
 """The replica-chunk chooser: a divisor of the clients per round, measured once per shape, harmless."""
-import time
+from types import SimpleNamespace
 
 import torch
 
@@ -32,14 +32,18 @@ def test_choice_is_cached_and_leaves_the_run_unchanged(make_model, sst2_small, t
 
 
 def test_larger_chunks_are_skipped_once_the_rate_drops(make_model, sst2_small, tmp_path, monkeypatch):
-    """Steps whose time grows as c^2 (rate ~ 1/c): after c = 2 runs at half the best rate, c = 4 is never timed."""
+    """Steps whose time grows as c^2 (rate ~ 1/c): after c = 2 runs at half the best rate, c = 4 is never timed.
+    The clock autochunk reads is a fake one that only these steps advance: the real step time, which another
+    process on the machine can stretch, must not decide the test."""
+    import fedsim.autochunk as autochunk
     eng = _engine(make_model, sst2_small)
-    step, sizes = type(eng).local_step, []
+    step, sizes, clock = type(eng).local_step, [], [0.0]
 
     def slow(self, plan, s, rs, opt):
         sizes.append(rs.stop - rs.start)
-        time.sleep(0.05 * (rs.stop - rs.start) ** 2)
+        clock[0] += 0.05 * (rs.stop - rs.start) ** 2
         return step(self, plan, s, rs, opt)
     monkeypatch.setattr(type(eng), "local_step", slow)
+    monkeypatch.setattr(autochunk, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     assert choose_replica_chunk(eng, 32, cache=tmp_path / "chunk.json") == 1
     assert sizes == [1, 1, 2]                                        # warm-up, c = 1, c = 2; never c = 4
