@@ -121,6 +121,42 @@ def claims(results):
         if parts:
             out.append(("SA-FedLoRA", "communication reduced by up to 93.62% vs FedAvg-FFT at comparable accuracy",
                          "communication", _combine(verdicts), "; ".join(parts)))
+    out += _method_claims(results.get("methods"))
+    return out
+
+
+# Claims of the methods family's papers, each "method beats FedAvg-LoRA" on the metric the paper reports,
+# decided paired by seed per task: (paper, claim, method label, accuracy column)
+METHOD_CLAIMS = [
+    ("FedEx-LoRA", "exact aggregation beats FedAvg-LoRA (arXiv 2410.09432)", "fedex_lora", "acc"),
+    ("FedSA-LoRA", "sharing only A beats FedAvg-LoRA on each client's own model (arXiv 2410.01463)", "fedsa_lora",
+     "acc_personal"),
+    ("SCAFFOLD", "control variates beat FedAvg under heterogeneous clients (arXiv 1910.06378)", "scaffold", "acc"),
+    ("FedAdam", "an adaptive server optimizer beats FedAvg (arXiv 2003.00295)", "fedadam", "acc"),
+]
+
+
+def _method_claims(table):
+    if table is None or table.seeds is None or table.seeds.empty:
+        return []
+    seeds, out = table.seeds, []
+    for paper, claim, label, column in METHOD_CLAIMS:
+        parts, verdicts = [], []
+        for task in sorted(seeds["task"].unique()):
+            arms = [seeds[(seeds.task == task) & (seeds.label == x)] for x in (label, "fedavg_lora")]
+            if any(a.empty or column not in a or a[column].isna().all() for a in arms):
+                continue
+            per = [dict(zip(a["seed"].astype(int), a[column].astype(float))) for a in arms]
+            means = [sum(p.values()) / len(p) for p in per]
+            dead = not learned(max(means), 1.0 / num_labels(task))
+            v = paired_verdict(*per)
+            parts.append(f"{task}: {100 * means[0]:.1f} vs FedAvg-LoRA {100 * means[1]:.1f}"
+                         + (" [no verdict, both at chance]" if dead else f" [{v.text()}]"))
+            verdicts.append("inconclusive (both at chance)" if dead else v.verdict)
+        if parts:
+            metric = "personalized accuracy" if column == "acc_personal" else "accuracy"
+            out.append((paper, claim, "methods", _combine(verdicts), "; ".join(parts) + f" ({metric}, paired by "
+                        f"seed: reproduced if the 95% interval of the difference lies above 0)."))
     return out
 
 

@@ -50,3 +50,4 @@ class Communication:
 class MethodsTable:
     table: pd.DataFrame         # task, method label: accuracy, difference to FedAvg-LoRA, upload, DP unit, epsilon
     personal: pd.DataFrame      # task, method label, client: personalized accuracy (mean over seeds)
+    seeds: pd.DataFrame         # one row per finished federation: task, label, seed, acc, acc_personal

@@ -34,7 +34,7 @@ def _order(labels):
 def family_methods(w, runs, ctx):
     df, cv = federation_frame(runs), curve_frame(runs)
     if df.empty:
-        return MethodsTable(table=pd.DataFrame(), personal=pd.DataFrame())
+        return MethodsTable(table=pd.DataFrame(), personal=pd.DataFrame(), seeds=df)
     label_of = {r["name"]: r["meta"]["labels"]["method"] for r in runs}
     facts = {r["name"]: _run_facts(r) for r in runs if r["cfg"] is not None}
     df["label"], cv["label"] = df["run"].map(label_of), cv["run"].map(label_of)
@@ -96,4 +96,4 @@ def family_methods(w, runs, ctx):
         fig.tight_layout()
         w.figure(f"accuracy_vs_upload_{task}", fig, f"{task}: accuracy vs cumulative uploaded MB per method "
                                                     f"(mean over seeds, every evaluated round).")
-    return MethodsTable(table=pd.DataFrame(raw_rows), personal=pd.DataFrame(personal_rows))
+    return MethodsTable(table=pd.DataFrame(raw_rows), personal=pd.DataFrame(personal_rows), seeds=df)
