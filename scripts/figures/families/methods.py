@@ -79,7 +79,7 @@ def family_methods(w, runs, ctx):
         w.table(f"methods_{task}", disp, pd.DataFrame([r for r in raw_rows if r["task"] == task]),
                 f"{task}: final accuracy on {primary_split(task)} (mean ± std over seeds; (chance) = within 5 points of "
                 f"chance), the difference to FedAvg-LoRA (* = larger than max(2 points, the larger seed std)), "
-                f"personalized accuracy (each client's own model on 20% of its rows held out; FedSA-LoRA: with its "
+                f"personalized accuracy (each client's own model on the rows held out of its data; FedSA-LoRA: with its "
                 f"own B) and its worst client, upload per client and round, what DP protects and ε spent.")
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         for i, label in enumerate(_order(cv[cv.task == task]["label"].unique())):
