@@ -17,6 +17,8 @@ Interpretations:
   zero anyway, since B's column j and A's row j multiply each other.
 - Bytes: each client sends and receives r_i (in + out) numbers per adapter and the head; the ledger counts
   every client's own payload.
+- Evaluation scores the global model at the full rank r (also the personalized accuracy: a client's own model
+  would be the global truncated to r_i, which no hook evaluates yet).
 - The paper's local rank self-pruning (a client shrinking r_i during training) is not implemented: ranks are
   fixed per client.
 """
