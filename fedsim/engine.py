@@ -292,6 +292,10 @@ class FederatedEngine:
             loss = ce.mean(1).sum()
         loss.backward()
         buf = st.end_pass()
+        # a tensor marked trained that no layer differentiates would silently never move: a method bug
+        if buf.missing():
+            raise RuntimeError(f"{self.method.name}: tensors marked trained got no gradient from the replica "
+                               f"container: {buf.missing()[:3]}; the method's trained() must leave them out")
         if per_sample:
             broken = ~torch.isfinite(buf.sq_norms).all(1)         # [Rc]: clipping would hide an inf as a 0
             if bool(broken.any()):

@@ -22,6 +22,7 @@ class GradBuffer:
                  head_names=(), head_share=None):
         self.per_sample, self.specs = per_sample, dict(specs)
         self.summed = {}
+        self.received = set()       # names some layer put a gradient for (missing(): the ones none did)
         self.groups = None
         if per_sample:
             self.offsets, off = {}, 0
@@ -37,6 +38,7 @@ class GradBuffer:
                 self.group_sq_norms = torch.zeros(num_replicas, batch_size, len(self.groups), device=device, dtype=dtype)
 
     def put(self, name, grad):
+        self.received.add(name)
         if not self.per_sample:
             self.summed[name] = grad if name not in self.summed else self.summed[name] + grad
             return
@@ -47,6 +49,10 @@ class GradBuffer:
         if self.groups is not None:
             g = next(i for i, ((glo, ghi), _) in enumerate(self.groups) if glo <= lo < ghi)
             self.group_sq_norms[:, :, g] += sq
+
+    def missing(self):
+        """Tensors expected (specs) that no layer computed a gradient for, in canonical order."""
+        return [n for n in self.specs if n not in self.received]
 
     def unflatten(self, flat_sum):
         """[Rc, D] (e.g. clipped + noised sums) -> {name: [Rc, *shape]}."""

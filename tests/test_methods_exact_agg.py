@@ -95,3 +95,16 @@ def test_bytes_of_exact_aggregation(make_model, sst2_small):
     assert ledgers["fedex_lora"]["down_per_client"] == factors + head + len(eng.stacked.lora) * 4 * out * n_in
     assert ledgers["flora"]["up_per_client"] == factors + head
     assert ledgers["flora"]["down_per_client"] == 2 * factors + head       # the stack of 2 clients' factors
+
+
+def test_a_trained_tensor_without_gradient_is_a_loud_error(make_model, sst2_small, monkeypatch):
+    """The bug this file's first draft had: the folded delta marked trained. No layer differentiates it, so it
+    would never move while the ledger counted it as uploaded; the engine refuses instead."""
+    from methods.fedavg_lora import FedAvgLoRA
+    from methods.fedex_lora import FedExLoRA
+    parts = dirichlet_label_skew(sst2_small["labels"].numpy(), 3, alpha=0.5, seed=6)
+    eng = make_engine(make_model, sst2_small, [parts], seeds=[6], optimizer=SGD, targets=TARGETS, fraction=2 / 3,
+                      method="fedex_lora")
+    monkeypatch.setattr(FedExLoRA, "trained", FedAvgLoRA.trained)       # every tensor, the folded delta included
+    with pytest.raises(RuntimeError, match=r"got no gradient .*\.folded"):
+        eng.run_round()
