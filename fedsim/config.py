@@ -296,9 +296,6 @@ def validate(cfg):
                          "run them as two runs")
     if "dp.max_grad_norm" in cfg["sweep"] and all(e is None for e in eps):
         raise ValueError("sweep.dp.max_grad_norm needs a private run: set dp.epsilon (or sweep it)")
-    if "dp.max_grad_norm" in cfg["sweep"] and cfg["dp"]["unit"] == "client":
-        raise ValueError("sweep.dp.max_grad_norm is the per-sample clip of dp.unit=sample; client-level DP clips "
-                         "updates to dp.max_update_norm")
     variants = [v for seed, v in federations(cfg) if seed == cfg["seeds"][0]]    # the same for every seed
     for variant in variants:                         # every sweep value meets the same checks as the key
         if variant:
@@ -364,14 +361,8 @@ def _check_values(cfg):
                                                     f"auto uses the backbone's own convention")
     need(cfg["padding"] in ("longest", "max_length"), f"padding must be 'longest' or 'max_length' (got {cfg['padding']})")
     server = cfg["server"]
-    from methods.server_optimizers import SERVER_OPTIMIZERS
-    need(server["optimizer"] in SERVER_OPTIMIZERS, f"unknown server.optimizer '{server['optimizer']}'; valid: "
-                                                   f"{sorted(SERVER_OPTIMIZERS)} (fedavg: plain averaging)")
-    need(server["lr"] > 0, f"server.lr must be > 0 (got {server['lr']}); 1 is FedAvg's step, Reddi et al. tune "
-                           f"FedAdam's over 1e-3..1")
-    need(0 <= server["momentum"] < 1, f"server.momentum must be in [0, 1) (got {server['momentum']}); try 0.9")
-    need(0 <= server["beta2"] < 1, f"server.beta2 must be in [0, 1) (got {server['beta2']}); try 0.99")
-    need(server["tau"] > 0, f"server.tau must be > 0 (got {server['tau']}); Reddi et al. use 1e-3")
+    from methods.server_optimizers import validate_server                # the server optimizer's own checks
+    validate_server(**{k: v for k, v in server.items() if k != "optimizer"}, name=server["optimizer"])
     dp = cfg["dp"]
     need(dp["head_share"] is None or 0 < dp["head_share"] < 1, f"dp.head_share must be in (0, 1) or null for joint "
                                                              f"clipping (got {dp['head_share']}); try 0.1")
@@ -396,12 +387,11 @@ def _check_values(cfg):
         need(dp["clipped_count_stddev"] is None or dp["clipped_count_stddev"] > 0, f"dp.clipped_count_stddev must be "
              f"> 0 or null for clients per round / 20 (got {dp['clipped_count_stddev']})")
         need(dp["head_share"] is None, "dp.head_share splits a per-sample clip: it applies to dp.unit=sample; drop it")
+        need("dp.max_grad_norm" not in cfg["sweep"], "sweep.dp.max_grad_norm: client-level DP clips updates to dp.max_update_norm")
         if dp["epsilon"] is not None or "dp.epsilon" in cfg["sweep"]:
             need(clients_per_round(cfg["num_clients"], cfg["client_fraction"]) < cfg["num_clients"],
-                 f"client-level DP with client_fraction {cfg['client_fraction']} samples all {cfg['num_clients']} "
-                 f"clients every round: q = 1, no amplification by sampling, so any useful epsilon needs noise far "
-                 f"larger than the average update; set client_fraction below 1 (q = clients per round / clients, "
-                 f"e.g. 0.1) or use dp.unit=sample")
+                 f"client-level DP with client_fraction {cfg['client_fraction']} samples every client each round (q = 1, "
+                 f"no amplification): set client_fraction below 1 (q = clients per round / clients) or dp.unit=sample")
             need(method.client_dp_unsupported is None, f"client-level DP cannot protect method {method.name}: "
                                                        f"{method.client_dp_unsupported}; use dp.unit=sample")
     import partitions

@@ -111,6 +111,19 @@ class FedYogi(_Adaptive):
 SERVER_OPTIMIZERS = {c.name: c for c in (ServerOptimizer, FedAvgM, FedAdagrad, FedAdam, FedYogi)}
 
 
+def validate_server(name, lr, momentum, beta2, tau):
+    """ValueError naming the key and the fix for an unusable `server` config section."""
+    checks = [(name in SERVER_OPTIMIZERS, f"unknown server.optimizer '{name}'; valid: {sorted(SERVER_OPTIMIZERS)} "
+                                          f"(fedavg: plain averaging)"),
+              (lr > 0, f"server.lr must be > 0 (got {lr}); 1 is FedAvg's step, Reddi et al. tune FedAdam's over 1e-3..1"),
+              (0 <= momentum < 1, f"server.momentum must be in [0, 1) (got {momentum}); try 0.9"),
+              (0 <= beta2 < 1, f"server.beta2 must be in [0, 1) (got {beta2}); try 0.99"),
+              (tau > 0, f"server.tau must be > 0 (got {tau}); Reddi et al. use 1e-3")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 def make_server_optimizer(name, lr, **params):
     """The server optimizer `name` (see SERVER_OPTIMIZERS) with per-federation learning rates lr [F]."""
     if name not in SERVER_OPTIMIZERS:
