@@ -318,7 +318,7 @@ class FederatedEngine:
             # the global per replica is built only if asked for: for full fine-tuning it is a copy of every weight
             regularizer = self.method.local_regularizer_grad(name, self.tensors[name][rs],
                                                              lambda name=name: self.global_state[name][fed_of], t,
-                                                             client_ids)
+                                                             client_ids, lambda other: self.tensors[other][rs])
             if regularizer is not None:
                 grads[name] = grads[name] + regularizer
             if name in plan.client_masks:    # slots a client does not hold stay zero (DP noise included)

@@ -109,10 +109,11 @@ class Method:
         """Schedules (stage switches, rank budgets): a Change (default: nothing changes)."""
         return Change(global_state)
 
-    def local_regularizer_grad(self, name, local, global_bcast, round_idx, client_ids):
+    def local_regularizer_grad(self, name, local, global_bcast, round_idx, client_ids, local_of):
         """Gradient of a data-independent local loss term or correction (added after clipping/noise), or None.
         local: the replicas' tensor [Rc, *shape]; global_bcast(): their federations' global tensor [Rc, *shape];
-        client_ids: the replicas' (federation index, client id), Rc pairs."""
+        client_ids: the replicas' (federation index, client id), Rc pairs; local_of(other): the replicas' current
+        value of another trained tensor [Rc, *shape] (a term coupling two tensors, e.g. HetLoRA's pruning penalty)."""
         return None
 
     def aggregate(self, global_state, client_states, weights, plan):

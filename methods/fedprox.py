@@ -30,7 +30,7 @@ class FedProx(FedAvgLoRA):
             raise ValueError(f"method fedprox parameter mu must be >= 0 (got {self.params.mu}); mu = 0 is FedAvg, "
                              f"the paper tunes it over 0.001, 0.01, 0.1, 1")
 
-    def local_regularizer_grad(self, name, local, global_bcast, round_idx, client_ids):
+    def local_regularizer_grad(self, name, local, global_bcast, round_idx, client_ids, local_of):
         if self.params.mu == 0:
             return None
         return self.params.mu * (local.detach() - global_bcast())

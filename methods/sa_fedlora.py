@@ -137,7 +137,7 @@ class SAFedLoRA(FedAvgLoRA):
         return Change(global_state, rank=target, scales=self._scale(layout, target))
 
     # --- initiating stage -------------------------------------------------------------------------
-    def local_regularizer_grad(self, name, local, global_bcast, round_idx, client_ids):
+    def local_regularizer_grad(self, name, local, global_bcast, round_idx, client_ids, local_of):
         if round_idx >= self.params.init_rounds or self.params.mu == 0:
             return None
         return self.params.mu * (local.detach() - global_bcast())

@@ -36,7 +36,7 @@ class Scaffold(FedAvgLoRA):
         super().__init__(lora, **params)
         self.server_c, self.client_c = {}, {}        # {name: [F, *shape]}, {name: [F, N, *shape]}
 
-    def local_regularizer_grad(self, name, local, global_bcast, round_idx, client_ids):
+    def local_regularizer_grad(self, name, local, global_bcast, round_idx, client_ids, local_of):
         if name not in self.server_c:                  # round 1: every variate is zero
             return None
         feds = torch.tensor([f for f, _ in client_ids], device=local.device)

@@ -30,6 +30,8 @@ METHODS = {
     "fedex_lora": ({"name": "fedex_lora"}, 2e-3, {}),
     "flora": ({"name": "flora"}, 2e-3, {}),
     "hetlora": ({"name": "hetlora", "rank_choices": [2, 4, 8]}, 2e-3, {}),
+    "hetlora+pruning": ({"name": "hetlora", "rank_choices": [2, 4, 8], "prune_gamma": 0.5}, 2e-3, {}),
+    "flora+ranks": ({"name": "flora", "rank_choices": [2, 4, 8]}, 2e-3, {}),
     "fedavg_lora+fedavgm": ({"name": "fedavg_lora"}, 2e-3, {"server": {"optimizer": "fedavgm", "lr": 0.3}}),
     "fedavg_lora+fedadam": ({"name": "fedavg_lora"}, 2e-3, {"server": {"optimizer": "fedadam", "lr": 0.01}}),
     "fedavg_lora+fedyogi": ({"name": "fedavg_lora"}, 2e-3, {"server": {"optimizer": "fedyogi", "lr": 0.01}}),

@@ -117,10 +117,14 @@ METHODS = [
     {"name": "fedex_lora"},                                            # residual folded into each one's weights
     {"name": "flora"},                                                 # products folded, fresh factors per round
     {"name": "hetlora", "rank_choices": [1, 2, 4]},                    # client ranks keyed by each one's seed
+    {"name": "hetlora", "rank_choices": [2, 4], "prune_gamma": 0.5, "prune_lambda": 1.0},   # ranks pruned per client
+    {"name": "flora", "rank_choices": [1, 2, 4]},                      # stacks of heterogeneous ranks
 ]
 
 
-@pytest.mark.parametrize("method", METHODS, ids=[m["name"] for m in METHODS])
+@pytest.mark.parametrize("method", METHODS, ids=[m["name"] + ("-ranks" if "rank_choices" in m and m["name"] == "flora"
+                                                              else "-pruning" if "prune_gamma" in m else "")
+                                                 for m in METHODS])
 def test_every_method_in_a_pass_equals_itself_alone(make_model, sst2_small, method):
     """Method hooks (stage switches, rank truncation, proximal terms, full fine-tuning) keep federations
     apart too: two seeds x two learning rates in one pass, each equal to its solo run bit for bit (fp32,
@@ -132,13 +136,21 @@ def test_every_method_in_a_pass_equals_itself_alone(make_model, sst2_small, meth
         parts = [dirichlet_label_skew(labels, NUM_CLIENTS, alpha=0.5, seed=s) for s, *_ in fs]
         return make_engine(make_model, sst2_small, parts, seeds=[f[0] for f in fs], optimizer=OPT,
                             targets=TARGETS, fraction=FRACTION, K=2, lrs=[f[1] for f in fs], method=method, chunk=2)
-    rounds = 3 if method["name"] == "sa_fedlora" else 2
-    shared = _final_global(engine(feds), rounds)
+    pruning = "prune_gamma" in method
+    rounds = 3 if method["name"] == "sa_fedlora" or pruning else 2
+    passed = engine(feds)
+    shared = _final_global(passed, rounds)
     if method["name"] == "sa_fedlora":
         assert shared[next(n for n in shared if n.endswith("lora_A"))].shape[1] == 2     # truncation happened
     if method["name"] == "fedsa_lora":
         assert any(n.startswith("client:") for n in shared)                             # client stores compared
+    if pruning:
+        assert passed.method.ranks.lowered                                               # some clients pruned
     for f, fed in enumerate(feds):
-        solo = _final_global(engine([fed]), rounds)
+        alone = engine([fed])
+        solo = _final_global(alone, rounds)
+        if pruning:
+            assert {c: r for (g, c), r in passed.method.ranks.lowered.items() if g == f} == \
+                {c: r for (_, c), r in alone.method.ranks.lowered.items()}
         for name, tensor in solo.items():
             assert torch.equal(shared[name][f], tensor[0]), f"{method['name']} federation {fed}: {name}"

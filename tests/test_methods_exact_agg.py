@@ -21,7 +21,11 @@ def effective(state, name, scale):
     return prod if folded is None else folded.double() + prod
 
 
-@pytest.mark.parametrize("method,exact", [("fedex_lora", True), ("flora", True), ("fedavg_lora", False)])
+HETEROGENEOUS_FLORA = {"name": "flora", "rank_choices": [1, 2, 4]}
+
+
+@pytest.mark.parametrize("method,exact", [("fedex_lora", True), ("flora", True), (HETEROGENEOUS_FLORA, True),
+                                          ("fedavg_lora", False)], ids=["fedex_lora", "flora", "flora-ranks", "fedavg"])
 def test_global_model_is_the_weighted_mean_of_client_models(make_model, sst2_small, method, exact):
     parts = dirichlet_label_skew(sst2_small["labels"].numpy(), 3, alpha=0.5, seed=6)
     eng = make_engine(make_model, sst2_small, [parts], seeds=[6], optimizer=SGD, targets=TARGETS, fraction=2 / 3,
@@ -43,8 +47,14 @@ def test_global_model_is_the_weighted_mean_of_client_models(make_model, sst2_sma
             assert max(errs) < 1e-6, (t, max(errs))
         else:                                   # mean(B) mean(A) != mean(B A): what exact aggregation fixes
             assert max(errs) > 1e-3, (t, max(errs))
-    if method == "flora":                       # each round starts from fresh factors: new A, zero B
+    if method in ("flora", HETEROGENEOUS_FLORA):     # each round starts from fresh factors: new A, zero B
         assert not any(eng.global_state[n + ".lora_B"].any() for n in adapters)
+    if method == HETEROGENEOUS_FLORA:                # each client's product has its own rank
+        ranks = [eng.method.ranks.rank(*fc) for fc in eng.plan_round(1).client_ids]
+        assert len(set(ranks)) > 1, ranks
+        for r, rank in enumerate(ranks):
+            A, B = (clients[adapters[0] + s][r] for s in (".lora_A", ".lora_B"))
+            assert torch.linalg.matrix_rank(B.double() @ A.double()) == rank
 
 
 def test_folded_delta_is_a_change_of_the_frozen_weight(make_model):
@@ -93,8 +103,16 @@ def test_bytes_of_exact_aggregation(make_model, sst2_small):
     head = ledgers["fedavg_lora"]["up_per_client"] - factors
     assert ledgers["fedex_lora"]["up_per_client"] == ledgers["fedavg_lora"]["up_per_client"]
     assert ledgers["fedex_lora"]["down_per_client"] == factors + head + len(eng.stacked.lora) * 4 * out * n_in
-    assert ledgers["flora"]["up_per_client"] == factors + head
-    assert ledgers["flora"]["down_per_client"] == 2 * factors + head       # the stack of 2 clients' factors
+    assert ledgers["flora"]["up_per_client"] == [factors + head] * 2
+    assert ledgers["flora"]["down_per_client"] == [2 * factors + head] * 2   # the stack of 2 clients' factors
+    eng = make_engine(make_model, sst2_small, [parts], seeds=[6], optimizer=SGD, targets=TARGETS, fraction=2 / 3,
+                      method=HETEROGENEOUS_FLORA)
+    plan = eng.plan_round(0)
+    eng.run_round()
+    ranks = [eng.method.ranks.rank(*fc) for fc in plan.client_ids]
+    entry = eng.ledger.rounds[0]
+    assert entry["up_per_client"] == [factors // 4 * r + head for r in ranks]
+    assert entry["down_per_client"] == [factors // 4 * sum(ranks) + head] * 2
 
 
 def test_a_trained_tensor_without_gradient_is_a_loud_error(make_model, sst2_small, monkeypatch):
