@@ -325,6 +325,13 @@ class FederatedEngine:
                 grads[name] = grads[name] * plan.client_masks[name][rs]
         opt.step(self.tensors, grads, rs)
         with torch.no_grad():
+            for name in trainable:
+                drift = self.method.local_step_correction(name, t, client_ids)
+                if drift is not None:      # a move after the optimizer's step (SCAFFOLD), held slots only
+                    p = self.tensors[name][rs]
+                    drift = drift * plan.client_masks[name][rs] if name in plan.client_masks else drift
+                    p.sub_(opt.lr[rs].to(p).view(-1, *([1] * (p.dim() - 1))) * drift)
+        with torch.no_grad():
             per_replica = (ce.detach() * mask).sum(1) / mask.sum(1).clamp(min=1)
         return per_replica.cpu()
 

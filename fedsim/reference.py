@@ -262,12 +262,17 @@ def run_reference(make_model, train, partitions, initial_global, cfg):
 
             @torch.no_grad()
             def correct():
-                """FedProx's proximal gradient and SCAFFOLD's correction, added to the (clipped, noised) gradient."""
+                """FedProx's proximal gradient, added to the (clipped, noised) gradient."""
                 for n in trainable:
                     if cfg.prox_mu:
                         params[n].grad += cfg.prox_mu * (params[n] - glob[n])
+
+            @torch.no_grad()
+            def drift():
+                """SCAFFOLD's correction, a move of its own after the optimizer's step: y -= lr (c - c_i)."""
+                for n in trainable:
                     if cfg.scaffold:
-                        params[n].grad += server_c[n] - own_c[n]
+                        params[n] -= cfg.lr * (server_c[n] - own_c[n])
             losses = []
             if private:
                 pos, mask = poisson_batches(len(part), cfg.dp_sample_rate, cfg.dp_max_batch, cfg.local_steps,
@@ -278,10 +283,12 @@ def run_reference(make_model, train, partitions, initial_global, cfg):
                     correct()
                     opt.step()
                     opt.zero_grad()
+                    drift()
             else:
                 pos = fixed_batches(len(part), cfg.batch_size, cfg.local_steps, cfg.seed, t, c)
                 for s in range(cfg.local_steps):
                     losses.append(_plain_step(model, _rows(train, part, pos[s]), opt, correct))
+                    drift()
             for n in trainable:
                 sums[n] += len(part) * params[n].detach()
                 if cfg.scaffold:               # option II: c_i+ = c_i - c + (x - y_i) / (K lr)

@@ -116,6 +116,12 @@ class Method:
         value of another trained tensor [Rc, *shape] (a term coupling two tensors, e.g. HetLoRA's pruning penalty)."""
         return None
 
+    def local_step_correction(self, name, round_idx, client_ids):
+        """A direction d [Rc, *shape] each client moves along after every optimizer step, tensor -= lr d (SCAFFOLD's
+        drift correction), or None. Outside the optimizer, so an adaptive optimizer never rescales it; under DP it
+        comes after clipping and noise."""
+        return None
+
     def aggregate(self, global_state, client_states, weights, plan):
         """FedAvg of every shared tensor, weighted by client sample counts. plan: the round's
         fedsim.plan.RoundPlan (round, which client sent what, local steps, learning rates)."""

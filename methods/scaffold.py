@@ -3,8 +3,9 @@ Federated Learning", ICML 2020, arXiv 1910.06378) over LoRA: FedAvg-LoRA with co
 each client's drift.
 
 The server keeps a control variate c and every client i its own c_i (zero at the start), one per trained
-tensor. Each local step uses the corrected gradient g + c - c_i. After K local steps at learning rate lr
-from the global x to y_i, the client updates its variate by the paper's option II
+tensor. Each local step moves along the corrected direction: the optimizer's step on the gradient g, then
+y <- y - lr (c - c_i). After K local steps at learning rate lr from the global x to y_i, the client updates
+its variate by the paper's option II
 
     c_i+ = c_i - c + (x - y_i) / (K lr),
 
@@ -14,10 +15,13 @@ Interpretations:
 - Server learning rate 1 (the model update is FedAvg's); a server optimizer (server.optimizer) composes.
 - The variates are method state (checkpointed), kept per federation and client id: c [F, *shape],
   c_i [F, N, *shape]. In a deployment c_i lives on client i; here the server holds every client's copy.
-- The correction is added after DP's clipping and noise: c and c_i derive from earlier released updates and
+- The correction comes after DP's clipping and noise: c and c_i derive from earlier released updates and
   the client's own past model, so they are post-processing, not new data access.
-- With AdamW as the local optimizer, (x - y_i) / (K lr) is not a gradient estimate; the paper's analysis is
-  for SGD. We keep option II's formula, as OpenFedLLM does.
+- With SGD this is the paper's y - lr (g + c - c_i). The correction is applied after the optimizer's step, as
+  OpenFedLLM does, not fed into it: with AdamW, (x - y_i) / (K lr) is the client's mean step direction (in
+  units of lr), so c - c_i is a difference of step directions and must not pass through Adam's
+  normalisation, which would inflate it against gradients orders of magnitude smaller (the first version
+  did that: SCAFFOLD sat at chance on 20 Newsgroups with AdamW).
 - Upload: the paper sends (y_i - x, c_i+ - c_i), twice the model's bytes; download: x and c. The ledger
   counts both.
 """
@@ -36,13 +40,13 @@ class Scaffold(FedAvgLoRA):
         super().__init__(lora, **params)
         self.server_c, self.client_c = {}, {}        # {name: [F, *shape]}, {name: [F, N, *shape]}
 
-    def local_regularizer_grad(self, name, local, global_bcast, round_idx, client_ids, local_of):
+    def local_step_correction(self, name, round_idx, client_ids):
         if name not in self.server_c:                  # round 1: every variate is zero
             return None
-        feds = torch.tensor([f for f, _ in client_ids], device=local.device)
-        clients = torch.tensor([c for _, c in client_ids], device=local.device)
-        c, c_i = self.server_c[name].to(local), self.client_c[name].to(local)
-        return c[feds] - c_i[feds, clients]
+        feds = torch.tensor([f for f, _ in client_ids])
+        clients = torch.tensor([c for _, c in client_ids])
+        c, c_i = self.server_c[name], self.client_c[name]
+        return c[feds.to(c.device)] - c_i[feds.to(c.device), clients.to(c.device)]
 
     @torch.no_grad()
     def aggregate(self, global_state, client_states, weights, plan):
