@@ -86,12 +86,16 @@ class HetLoRA(FedAvgLoRA):
         return self.ranks.mask(name, shape, client_ids)
 
     # --- self-pruning -----------------------------------------------------------------------------------
+    def kept_rank(self, rank):
+        """floor(gamma r_i): the slots a client keeps if it prunes."""
+        return math.floor(self.params.prune_gamma * rank)
+
     def tail(self, client_ids, width, device):
         """[len(client_ids), width] bool: each client's slots floor(gamma r_i) .. r_i - 1."""
-        ranks = torch.tensor([self.client_rank(f, c) for f, c in client_ids], device=device)
-        keep = torch.floor(ranks * self.params.prune_gamma).long()
+        ranks = [self.client_rank(f, c) for f, c in client_ids]
+        keep = torch.tensor([self.kept_rank(r) for r in ranks], device=device)
         slot = torch.arange(width, device=device)[None, :]
-        return (slot >= keep[:, None]) & (slot < ranks[:, None])
+        return (slot >= keep[:, None]) & (slot < torch.tensor(ranks, device=device)[:, None])
 
     @staticmethod
     def partner(name):
@@ -129,7 +133,7 @@ class HetLoRA(FedAvgLoRA):
         sent = dict(client_states)
         for r, ((f, c), now) in enumerate(zip(plan.client_ids, q.flatten().tolist())):
             before, rank = self.last_tail.get((f, c)), self.client_rank(f, c)
-            keep = math.floor(self.params.prune_gamma * rank)
+            keep = self.kept_rank(rank)
             if before is not None and now < before and 1 <= keep < rank:
                 self.ranks.lower(f, c, keep)
                 self.last_tail.pop((f, c))
