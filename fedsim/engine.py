@@ -331,7 +331,6 @@ class FederatedEngine:
                     p = self.tensors[name][rs]
                     drift = drift * plan.client_masks[name][rs] if name in plan.client_masks else drift
                     p.sub_(opt.lr[rs].to(p).view(-1, *([1] * (p.dim() - 1))) * drift)
-        with torch.no_grad():
             per_replica = (ce.detach() * mask).sum(1) / mask.sum(1).clamp(min=1)
         return per_replica.cpu()
 

@@ -35,7 +35,7 @@ class ClientRanks:
         """r_i of a client of the federation at this index."""
         if (federation, client) in self.lowered:
             return self.lowered[(federation, client)]
-        rng = numpy_rng(self.seeds[federation], "hetlora_rank", client)
+        rng = numpy_rng(self.seeds[federation], "hetlora_rank", client)    # the key HetLoRA's results were drawn with
         return int(self.choices[rng.integers(len(self.choices))])
 
     def lower(self, federation, client, rank):
