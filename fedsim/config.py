@@ -5,6 +5,10 @@ keys), except inside `method` (method parameters, checked by the method) and `pa
 parameters, checked by the partition function). `validate` gives every key its declared type (TYPES;
 numbers written as 1e-6, which YAML 1.1 reads as strings, become numbers) and rejects bad values, sweep
 values included, with one ValueError naming the key and the fix, before any data or model is touched.
+
+dp.epsilon: null = non-private (no clipping, no noise); a number > 0 = DP-SGD (or DP-FedAvg) calibrated to
+that epsilon; .inf (`--set dp.epsilon=inf`) = clip only: the same DP schedule with noise multiplier 0,
+the matched no-noise column of an epsilon sweep, e.g. sweep: {dp.epsilon: [.inf, 6, 3, 1]}.
 """
 import copy
 import itertools
@@ -43,7 +47,8 @@ DEFAULTS = {
                "lr": 1.0,               # server learning rate on the aggregate's update (1 with fedavg: plain FedAvg)
                "momentum": 0.9,         # FedAvgM's beta; FedAdagrad/FedAdam/FedYogi's beta1
                "beta2": 0.99, "tau": 1e-3},
-    "dp": {"epsilon": None, "delta": 1e-5, "max_grad_norm": 1.0, "accountant": "rdp",
+    "dp": {"epsilon": None,            # null: non-private; .inf: clip only (the DP schedule with sigma = 0)
+           "delta": 1e-5, "max_grad_norm": 1.0, "accountant": "rdp",
            "max_batch_factor": 5.0,
            "head_share": None,       # per-group clipping: head to C*sqrt(share), adapters to C*sqrt(1-share)
            "unit": "sample",         # what epsilon protects: one training sample (DP-SGD) or one client's data (DP-FedAvg)
@@ -66,8 +71,9 @@ OPTIMIZERS = ("sgd", "adamw")
 RESULT_NEUTRAL = ("device", "replica_chunk", "eval_batch_size", "dp.max_batch_factor")
 
 # Declared type of every key ("?" = may be null). int: an integer (10.0 and "1e3" are accepted when
-# whole); float: a finite number; ints: a list of integers; floats2: a pair of numbers; targets: a list of
-# module names or one string such as "all-linear".
+# whole); float: a finite number; epsilon: a number or .inf, not NaN (dp.validate_dp checks the range);
+# ints: a list of integers; floats2: a pair of numbers; targets: a list of module names or one string such
+# as "all-linear".
 TYPES = {
     "task": "str", "data_dir": "str?", "max_length": "int", "padding": "str", "train_subsample": "int?",
     "eval_subsample": "int?", "eval_splits": "strs?", "dev_fraction": "float", "personal_eval_fraction": "float", "strip_metadata": "bool", "model": "str", "num_hidden_layers": "int?", "pooling": "str",
@@ -78,12 +84,13 @@ TYPES = {
     "optimizer.weight_decay": "float", "optimizer.betas": "floats2", "optimizer.eps": "float",
     "server.optimizer": "str", "server.lr": "float", "server.momentum": "float", "server.beta2": "float",
     "server.tau": "float",
-    "dp.epsilon": "float?", "dp.delta": "float", "dp.max_grad_norm": "float", "dp.accountant": "str",
+    "dp.epsilon": "epsilon?", "dp.delta": "float", "dp.max_grad_norm": "float", "dp.accountant": "str",
     "dp.max_batch_factor": "float", "dp.head_share": "float?", "dp.unit": "str", "dp.max_update_norm": "float",
     "dp.target_quantile": "float?", "dp.clip_lr": "float", "dp.clipped_count_stddev": "float?", "seeds": "ints", "replica_chunk": "int?", "device": "str",
     "precision": "str",
 }
 _KIND_TEXT = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a finite number",
+              "epsilon": "a number > 0 or .inf (clipping without noise)",
               "ints": "a non-empty list of integers, e.g. [0, 1, 2]", "strs": "a non-empty list of names", "floats2": "a list of two numbers",
               "targets": "a list of module names, e.g. [query, value], or \"all-linear\""}
 
@@ -232,6 +239,11 @@ def _typed(key, value, kind):
         if x is None or not math.isfinite(x) or (kind == "int" and x != int(x)):
             raise bad
         return int(x) if kind == "int" else float(x)
+    if kind == "epsilon":                 # .inf = clip only (sigma = 0); the sign is validate_dp's to refuse
+        x = _number(value)
+        if x is None or math.isnan(x):
+            raise bad
+        return float(x)
     if kind == "ints":
         if not isinstance(value, list) or not value:
             raise bad

@@ -3,6 +3,11 @@
 clip_and_noise is DP-SGD's aggregation step (Opacus convention) batched over the replica dimension:
     out[r] = (sum_n min(1, C_r / (||g_rn|| + 1e-6)) * g_rn + sigma_r * C_r * z_r) / B_r
 Accounting is delegated to Opacus accountants (RDP or PRV), never re-implemented here.
+
+epsilon = math.inf (config `dp.epsilon: .inf`) is the matched no-noise column: the same schedule (Poisson
+sampling at q, per-sample clipping at C, division by the expected batch B) with sigma = 0, so
+    out[r] = sum_n min(1, C_r / (||g_rn|| + 1e-6)) * g_rn / B_r        (clip only, no accountant call).
+Strict JSON has no Infinity: files record it through json_epsilon ("inf"), with noise_multiplier 0.
 """
 import contextlib
 import functools
@@ -114,17 +119,29 @@ def clip_groups(offsets, head_names, head_share):
 # ---------------------------------------------------------------------------------------------- accounting
 
 def validate_dp(epsilon, delta, max_grad_norm, accountant) -> None:
-    """Raise ValueError naming the fix for an unusable DP setting (epsilon None = non-private: no checks)."""
+    """Raise ValueError naming the fix for an unusable DP setting (epsilon None = non-private: no checks;
+    epsilon math.inf = clip only, sigma = 0: delta, C and the accountant are checked all the same)."""
     if epsilon is None:
         return
-    if not epsilon > 0:
-        raise ValueError(f"dp.epsilon must be > 0 (got {epsilon}); use epsilon: null for non-private training")
+    if not epsilon > 0:                      # also NaN
+        raise ValueError(f"dp.epsilon must be > 0 (got {epsilon}); use epsilon: null for non-private training "
+                         f"or .inf for clipping without noise (sigma = 0)")
     if not 0 < delta < 1:
         raise ValueError(f"dp.delta must be in (0, 1) (got {delta}); a common choice is 1/(number of samples)")
     if not max_grad_norm > 0:
         raise ValueError(f"dp.max_grad_norm must be > 0 (got {max_grad_norm}); try 1.0")
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"unknown dp.accountant {accountant!r}; use one of {ACCOUNTANTS}")
+
+
+def clip_only(epsilon) -> bool:
+    """epsilon = infinity: the DP schedule (Poisson sampling, per-sample clipping) with noise multiplier 0."""
+    return epsilon is not None and math.isinf(epsilon) and epsilon > 0
+
+
+def json_epsilon(value):
+    """An epsilon as strict JSON holds it: math.inf -> "inf" (no bare Infinity); numbers and None unchanged."""
+    return "inf" if isinstance(value, float) and math.isinf(value) and value > 0 else value
 
 
 def _check_schedule(sample_rate, steps):
@@ -137,11 +154,12 @@ def _check_schedule(sample_rate, steps):
 @functools.lru_cache(maxsize=None)   # a family's tuning and final runs ask for the same (eps, delta, q, steps):
 def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps: int,   # ~3 s of RDP each
                          accountant: str = "rdp") -> float:
-    """Smallest sigma (Opacus' binary search) such that `steps` Poisson-subsampled steps at rate q are (eps, delta)-DP."""
+    """Smallest sigma (Opacus' binary search) such that `steps` Poisson-subsampled steps at rate q are
+    (eps, delta)-DP. epsilon = math.inf (clip only) and steps = 0 give sigma = 0 without asking an accountant."""
     from opacus.accountants.utils import get_noise_multiplier
     validate_dp(epsilon, delta, 1.0, accountant)
     _check_schedule(sample_rate, steps)
-    if steps == 0:
+    if steps == 0 or clip_only(epsilon):
         return 0.0
     fix = (f"target epsilon={epsilon} is unreachable with q={sample_rate}, {steps} steps, delta={delta}: "
            "raise epsilon, lower q (smaller expected batch), or lower the number of steps (rounds x local steps)")
@@ -203,7 +221,7 @@ def max_poisson_batch(expected_batch: float, factor: float = 3.0) -> int:
 
 @dataclass
 class DPConfig:
-    epsilon: Optional[float] = None  # None = non-private (no clipping, no noise)
+    epsilon: Optional[float] = None  # None = non-private (no clipping, no noise); math.inf = clip only (sigma 0)
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
@@ -213,6 +231,10 @@ class DPConfig:
     @property
     def private(self) -> bool:
         return self.epsilon is not None
+
+    @property
+    def clip_only(self) -> bool:
+        return clip_only(self.epsilon)
 
     def validate(self) -> "DPConfig":
         validate_dp(self.epsilon, self.delta, self.max_grad_norm, self.accountant)

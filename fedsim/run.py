@@ -6,6 +6,11 @@ The run directory gets config.yaml (resolved, with its config hash), metrics.jso
 federation), summary.json, env.json (git commit, device, library versions) and, while running,
 checkpoint.pt, so a killed run resumes where it stopped and ends with the same numbers.
 
+A private federation's summary entry holds noise_multiplier, target_epsilon, epsilon_spent, clip_only, delta,
+sample_rate and steps_per_client. dp.epsilon .inf (clip only: the DP schedule with sigma = 0) is written
+target_epsilon "inf", epsilon_spent "inf", noise_multiplier 0.0, clip_only true, and "inf" in its variant:
+every file stays strict JSON (no bare Infinity).
+
 Trust rules:
 - Bad input (config, data, model, run directory) fails before any compute with one line naming the fix
   (exit status 2) and leaves an existing run directory untouched.
@@ -65,7 +70,8 @@ class Experiment:
     """Everything built from a config, validated before compute."""
 
     def __init__(self, cfg):
-        from fedsim.dp import ClientDPSetup, max_poisson_batch, noise_multiplier_for, update_noise_multiplier
+        from fedsim.dp import (ClientDPSetup, json_epsilon, max_poisson_batch, noise_multiplier_for,
+                               update_noise_multiplier)
         from fedsim.sampling import clients_per_round
         from fedsim.models import resolve_pooling
         from fedsim.tasks import get_task, load_split
@@ -93,7 +99,8 @@ class Experiment:
                                                lora_alpha=variant.get("lora.alpha", cfg["lora"]["alpha"]),
                                                max_grad_norm=variant.get("dp.max_grad_norm"), partitions=parts,
                                                server_lr=variant.get("server.lr", cfg["server"]["lr"]),
-                                               variant=variant, personal_eval=held))
+                                               variant={k: json_epsilon(v) for k, v in variant.items()},
+                                               personal_eval=held))
         self.dp, self.client_dp, self.epsilons = None, None, [None] * len(self.federations)
         dp = cfg["dp"]
         eps_list = [v.get("dp.epsilon", dp["epsilon"]) for _, v in federations(cfg)]
@@ -314,7 +321,7 @@ def _read(path, parse, what, binary=False):
 
 def summarize(exp, engine, records, wall):
     """summary.json: status, then per federation its final accuracies (null if it failed), loss, bytes, epsilon."""
-    from fedsim.dp import epsilon_spent
+    from fedsim.dp import clip_only, epsilon_spent, json_epsilon
     cfg = exp.cfg
     private = exp.dp is not None or exp.client_dp is not None
     feds = []
@@ -331,10 +338,11 @@ def summarize(exp, engine, records, wall):
             entry["failure"] = dict(failure)
         elif last.get("personal_per_client") is not None:       # each client's own model on its held-out rows
             entry["final_personal_per_client"] = last["personal_per_client"]
-        if private:
-            entry.update(noise_multiplier=f.noise_multiplier, target_epsilon=exp.epsilons[i],
-                         epsilon_spent=epsilon_spent(f.noise_multiplier, exp.sample_rate, exp.steps_per_client,
-                                                     cfg["dp"]["delta"], cfg["dp"]["accountant"]),
+        if private:   # clip only (epsilon .inf): sigma 0, epsilon "inf" (strict JSON has no Infinity)
+            spent = epsilon_spent(f.noise_multiplier, exp.sample_rate, exp.steps_per_client, cfg["dp"]["delta"],
+                                  cfg["dp"]["accountant"])
+            entry.update(noise_multiplier=f.noise_multiplier, target_epsilon=json_epsilon(exp.epsilons[i]),
+                         epsilon_spent=json_epsilon(spent), clip_only=clip_only(exp.epsilons[i]),
                          delta=cfg["dp"]["delta"], sample_rate=exp.sample_rate,
                          steps_per_client=exp.steps_per_client)
         feds.append(entry)

@@ -7,7 +7,9 @@ batched matmuls over [Rc, b*T, in]. `active` selects the chunk of replicas [r0, 
 A LoRA layer may also carry a per-replica sparse delta on its frozen base weight (SLoRA's stage 1):
 values [R, nnz] at positions (rows, cols) shared by all replicas, applied by gather/index_add; and a dense
 per-replica `folded` delta [R, out, in] that nobody trains (updates FedEx-LoRA and FLoRA fold into the frozen
-weight, each federation its own), applied as one more batched matmul.
+weight, each federation its own), applied as one more batched matmul. A container built with train_folded
+differentiates it while it requires grad (SA-FedLoRA's full initiating stage trains it as a dense delta on every
+target weight, dW_r = sum_t g_t x_t^T like the head's weight); otherwise marking it trained is a loud error.
 
 Gradients of the trainable tensors never go through autograd's parameter accumulation: each layer's
 backward computes them itself -- summed per replica, or per sample when DP needs them -- as one
@@ -182,6 +184,33 @@ class _SparseDelta(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+class _DenseDelta(torch.autograd.Function):
+    """delta = x W_r^T per replica for a trained dense delta W [Rc, out, in] on the frozen weight (a `folded`
+    delta of a train_folded layer that requires grad); backward hands dW_n = sum_t g_t x_t^T ([Rc, b, out, in]
+    per sample, [Rc, out, in] summed) to the buffer as `<layer>.folded`, as _StackedAffine does for the head."""
+
+    @staticmethod
+    @_full_precision
+    def forward(ctx, x, W, layer):
+        ctx.save_for_backward(x, W)
+        ctx.layer = layer
+        return torch.bmm(x, W.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W = ctx.saved_tensors
+        layer = ctx.layer
+        state = layer.state
+        if state.buffer is not None:
+            if state.buffer.per_sample:
+                split = state.per_sample                                # [Rc, L, .] -> [Rc, b, T, .]
+                state.buffer.put(layer.name + ".folded", split(g).transpose(2, 3) @ split(x))
+            else:
+                state.buffer.put(layer.name + ".folded", g.transpose(1, 2) @ x)
+        grad_x = torch.bmm(g, W) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
 def _folded_delta(x, folded):
     """x [Rc, L, in] @ folded^T per replica -> [Rc, L, out] in the adapters' precision, autocast off (x comes
     in that precision); plain autograd: folded is frozen, so only x gets a gradient."""
@@ -193,13 +222,15 @@ class StackedLoRALinear(nn.Module):
     """A frozen nn.Linear shared by all replicas plus per-replica LoRA factors (peft's layout per replica)."""
 
     def __init__(self, base: nn.Linear, name: str, num_replicas: int, rank: int, state: _StackedState,
-                 folded=False):
+                 folded=False, train_folded=False):
         super().__init__()
         self.base, self.name, self.state, self.rank = base, name, state, rank
+        self.train_folded = train_folded
         kw = dict(dtype=base.weight.dtype, device=base.weight.device)   # fp32 unless the backbone is fp64
         self.A = nn.Parameter(torch.zeros(num_replicas, rank, base.in_features, **kw), requires_grad=False)
         self.B = nn.Parameter(torch.zeros(num_replicas, base.out_features, rank, **kw), requires_grad=False)
-        # folded: a dense per-replica delta on the frozen weight, never trained (gradients flow to x only)
+        # folded: a dense per-replica delta on the frozen weight, never trained (gradients flow to x only), unless
+        # train_folded: then while it requires grad, _DenseDelta hands dW to the buffer
         self.folded = nn.Parameter(torch.zeros(num_replicas, base.out_features, base.in_features, **kw),
                                    requires_grad=False) if folded else None
         self.register_buffer("scale", torch.ones(num_replicas, **kw))
@@ -225,7 +256,9 @@ class StackedLoRALinear(nn.Module):
         delta = _LoRADelta.apply(xr, A, B, scale, self)
         if self.sparse is not None:
             delta = delta + _SparseDelta.apply(xr, self.sparse[st.active], self.sparse_rows, self.sparse_cols, self)
-        if self.folded is not None:
+        if self.folded is not None and self.train_folded and self.folded.requires_grad:
+            delta = delta + _DenseDelta.apply(xr, self.folded[st.active], self)
+        elif self.folded is not None:
             delta = delta + _folded_delta(xr, self.folded[st.active])
         return h + st.unpad_tokens(delta, h).to(h.dtype)
 
@@ -313,12 +346,14 @@ class StackedModel(nn.Module):
     """A transformers classifier with stacked LoRA layers and a stacked head; base weights frozen, shared.
 
     packed_tokens: run the backbone on real tokens only (fedsim.packed) when it has a packed forward;
-    False keeps the padded forward (the same numbers up to float summation order; tests compare the two)."""
+    False keeps the padded forward (the same numbers up to float summation order; tests compare the two).
+    folded: a dense per-replica delta on every adapted weight; train_folded: the layers differentiate it while it
+    requires grad (else it is frozen whatever a method marks trained)."""
 
     runs_packed_rows = True     # a pass computes only its selected rows (the engine may split a step by length)
 
     def __init__(self, model, num_replicas, rank, targets=("query", "value"), head="classifier", packed_tokens=True,
-                 folded=False):
+                 folded=False, train_folded=False):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1 (got {rank}); set lora.rank to a positive integer")
@@ -328,7 +363,8 @@ class StackedModel(nn.Module):
         self.state = _StackedState()
         self.lora = {}
         for name in target_module_names(model, list(targets) if not isinstance(targets, str) else targets, head):
-            layer = StackedLoRALinear(model.get_submodule(name), name, num_replicas, rank, self.state, folded)
+            layer = StackedLoRALinear(model.get_submodule(name), name, num_replicas, rank, self.state, folded,
+                                      train_folded)
             _set_module(model, name, layer)
             self.lora[name] = layer
         self.heads = {}

@@ -11,9 +11,10 @@ from methods.scaffold import Scaffold
 from methods.fedex_lora import FedExLoRA
 from methods.flora import FLoRA
 from methods.hetlora import HetLoRA
+from methods.head_only import HeadOnly
 
 METHODS = {m.name: m for m in (FedAvgLoRA, FedAvgFFT, SLoRA, FFALoRA, SAFedLoRA, FedSALoRA, FedProx, Scaffold,
-                               FedExLoRA, FLoRA, HetLoRA)}
+                               FedExLoRA, FLoRA, HetLoRA, HeadOnly)}
 
 
 def make_method(method_cfg: dict, lora_cfg: dict) -> Method:

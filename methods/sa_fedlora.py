@@ -3,8 +3,9 @@ arXiv 2405.09394).
 
 Two stages on top of FedAvg-LoRA (A, B and head trained and averaged factor-wise):
 1. Initiating stage, rounds [0, init_rounds): clients add the proximal term (mu/2)||theta - theta_global||^2
-   over their trained tensors (FedProx style) to limit client drift. Its gradient mu*(local - global) is
-   data-independent, so the engine adds it after clipping/noise (it costs no privacy).
+   over their trained tensors (FedProx style; which ones: `init_stage` below) to limit client drift. Its
+   gradient mu*(local - global) is data-independent, so the engine adds it after clipping/noise (it costs no
+   privacy).
 2. Annealing stage: the LoRA rank budget stays at the high "heating" rank for `heating_rounds` more
    rounds, then follows `schedule` down to the "cooling" rank over `anneal_rounds` rounds and stays there.
    Whenever the budget shrinks (at the start of a round), every adapted module's global scale*B@A is
@@ -22,24 +23,47 @@ Choices (all config keys of `Params`):
   the effective weights only by the discarded singular values and later steps keep the same step size
   per direction; "current_rank" uses peft's alpha/r for the current r (the factors absorb the change,
   so the effective weights at truncation are the same either way).
-- The proximal term covers every trained tensor (A, B, head) and only the initiating stage.
+- The proximal term covers every trained tensor (A, B, head; dW and head with init_stage "full") and only the
+  initiating stage.
 
-Interpretations/deviations: third-party summaries describe the paper's initiating stage as full-parameter
-training; fedsim trains only LoRA + head, so the initiating stage regularizes those at the heating rank.
-The rank is reduced by global SVD truncation on the server (the paper reduces the trainable-parameter
-budget; its exact pruning rule is not reproduced). Singular directions with zero singular value come out
-as zero in both factors (a saddle), which only happens if a module's update has rank below the new rank.
+Initiating stage, `init_stage` (what the clients train in rounds [0, init_rounds)):
+- "lora" (default): LoRA + head at the heating rank, with the proximal term on A, B and head.
+- "full": the third-party reading of the paper (full-parameter training first). Clients train a dense delta
+  dW [out, in] on every LoRA target weight (all out x in entries, `<target>.folded`: the engine's per-replica
+  dense delta, fedsim/stacked.py) plus the head, with the proximal term mu (local - global) on both; A and B
+  are not trained (B = 0: the adapter path adds exactly zero). The server averages dW like any shared tensor
+  (sample-count weights), so after the stage each federation's effective weight is W0 + dW, dW = sum_i w_i
+  dW_i. From round init_rounds on dW is frozen (never trained, never sent again: the backbone is W <- W0 + dW,
+  per federation) and LoRA starts at the heating rank from its usual init (A seeded, B = 0: the factors were
+  never trained) on that backbone, then heating / annealing / cooling as above; truncation acts on
+  scale * B @ A only, never on dW. "Full" covers the LoRA target linears and the head, not embeddings or
+  LayerNorms: the engine's trainable delta is per target weight (with lora.targets: all-linear, every Linear
+  of the model but the head). Why a dense delta and not SLoRA's sparse one at density 1: the sparse forward
+  gathers an [Rc, tokens, nnz] intermediate, which at nnz = out * in is far larger than the [Rc, out, in]
+  delta, and the switch would have to fold it into a dense delta anyway. The communication figure depends
+  on this reading: an initiating round sends out * in values per target (plus the head) each way per client,
+  against (out + in) * r for "lora"; a resume restores dW from the checkpoint's global state. Memory: every
+  replica holds its own dW (as full fine-tuning holds its weights), and under DP the per-sample gradients
+  are [Rc, b, out * in] per target during the initiating stage.
+
+Interpretations/deviations: with init_stage "lora" the initiating stage regularizes only LoRA + head at the
+heating rank (see above for "full"). The rank is reduced by global SVD truncation on the server (the paper
+reduces the trainable-parameter budget; its exact pruning rule is not reproduced). Singular directions with
+zero singular value come out as zero in both factors (a saddle), which only happens if a module's update has
+rank below the new rank.
 """
 import math
 from dataclasses import dataclass
 
 import torch
 
+from fedsim.stacked import StackedModel
 from methods.base import Change
 from methods.fedavg_lora import FedAvgLoRA
 
 SCHEDULES = ("linear", "cosine", "exponential", "cubic")
 ALPHA_OVER = ("heating_rank", "current_rank")
+INIT_STAGES = ("lora", "full")
 
 
 @dataclass
@@ -52,6 +76,7 @@ class SAParams:
     cooling_rank: int = 2
     schedule: str = "linear"
     alpha_over: str = "heating_rank"
+    init_stage: str = "lora"        # what the initiating stage trains: lora (A, B, head) | full (dense dW, head)
 
 
 def truncate_lora(A, B, scale_old, scale_new, k):
@@ -95,8 +120,38 @@ class SAFedLoRA(FedAvgLoRA):
                 raise ValueError(f"sa_fedlora {key} must be >= 0 (got {getattr(p, key)})")
         if p.mu < 0:
             raise ValueError(f"sa_fedlora mu must be >= 0 (got {p.mu})")
+        if p.init_stage not in INIT_STAGES:
+            raise ValueError(f"sa_fedlora init_stage '{p.init_stage}' unknown; valid: {list(INIT_STAGES)}")
+        if p.init_stage == "full" and p.init_rounds < 1:
+            raise ValueError("sa_fedlora init_stage 'full' trains the dense deltas during the initiating stage, "
+                             f"which has init_rounds={p.init_rounds} rounds; set init_rounds >= 1 or "
+                             "init_stage: lora")
         self.heating_rank = heat
         self.rank = heat                     # current global rank budget
+
+    @property
+    def full(self):
+        return self.params.init_stage == "full"
+
+    # --- what is trained --------------------------------------------------------------------------
+    def build_stacked(self, model, num_replicas, packed_tokens=True):
+        if not self.full:
+            return super().build_stacked(model, num_replicas, packed_tokens)
+        return StackedModel(model, num_replicas, self.lora.rank, self.lora.targets, packed_tokens=packed_tokens,
+                            folded=True, train_folded=True)       # the trained dense delta dW [R, out, in]
+
+    def init_global(self, layout, seeds):
+        change = super().init_global(layout, seeds)
+        if self.full:
+            for name, shape in layout.adapters.items():
+                change.global_state[name + ".folded"] = torch.zeros(len(seeds), *shape)
+        return change
+
+    def trained(self, name, round_idx):
+        """init_stage full: dW (`.folded`) and the head before round init_rounds, A, B and the head after."""
+        if self.full and name.endswith((".folded", ".lora_A", ".lora_B")):
+            return (round_idx < self.params.init_rounds) == name.endswith(".folded")
+        return super().trained(name, round_idx)
 
     # --- schedule ---------------------------------------------------------------------------------
     def rank_at(self, round_idx):
@@ -143,7 +198,8 @@ class SAFedLoRA(FedAvgLoRA):
         return self.params.mu * (local.detach() - global_bcast())
 
     def state_dict(self):
-        # the schedule is a function of the round; the current rank is also implied by the global shapes
+        # the schedule is a function of the round; the current rank is also implied by the global shapes; the
+        # dense deltas of init_stage full are global tensors (`.folded`), in the engine's checkpoint
         return {"rank": self.rank}
 
     def load_state_dict(self, d):

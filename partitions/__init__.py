@@ -1,8 +1,9 @@
 """Heterogeneity splits of a dataset over federated clients.
 
 Every partition takes the label array, the number of clients and a seed, and returns one sorted
-index array per client; together they cover every sample exactly once. Bad arguments raise
-ValueError before any work, saying what to change.
+index array per client; together they cover every sample exactly once, except `label_mix` (the FFA-LoRA
+paper's fixed label mixtures), which draws the rows its mixtures need and leaves the rest out (no sample
+twice). Bad arguments raise ValueError before any work, saying what to change.
 """
 import inspect
 import math
@@ -34,6 +35,11 @@ _RULES = {
     "distribution": (lambda v: v in ("lognormal", "powerlaw"), "'lognormal' or 'powerlaw'"),
     "sigma": (lambda v: _is_num(v) and v > 0, "a finite number > 0 (use iid for equal sizes)"),
     "exponent": (lambda v: _is_num(v) and v > 0, "a finite number > 0 (use iid for equal sizes)"),
+    "mixtures": (lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0 and all(
+        isinstance(m, (list, tuple)) and len(m) == len(v[0]) and all(_is_num(p) and p >= 0 for p in m)
+        and abs(sum(m) - 1) < 1e-6 for m in v)),
+                 "null (the paper's defaults) or a list of label mixtures of one length, each of numbers >= 0 "
+                 "summing to 1, e.g. [[0.1, 0.9], [0.9, 0.1], [0.5, 0.5]]"),
 }
 
 
@@ -158,11 +164,64 @@ def quantity_skew(labels, num_clients, seed=0, distribution="lognormal", sigma=1
     return [np.sort(p) for p in np.split(perm, np.cumsum(sizes)[:-1])]
 
 
+def default_mixtures(num_labels: int) -> list:
+    """The FFA-LoRA paper's client label mixtures (arXiv 2403.12313, its non-IID GLUE setting): on 2-label
+    tasks [0.1, 0.9], [0.9, 0.1], [0.5, 0.5]; on L >= 3 labels client j holds 90% of label j and spreads 10%
+    evenly over the others ([0.9, 0.05, 0.05] rotated on 3-label tasks), L mixtures."""
+    if num_labels == 2:
+        return [[0.1, 0.9], [0.9, 0.1], [0.5, 0.5]]
+    if num_labels == 1:
+        return [[1.0]]
+    rest = 0.1 / (num_labels - 1)
+    return [[0.9 if c == j else rest for c in range(num_labels)] for j in range(num_labels)]
+
+
+def label_mix(labels, num_clients, seed=0, mixtures=None) -> list:
+    """Fixed label mixtures per client, the FFA-LoRA paper's split (not Dirichlet).
+
+    Client j follows mixture p_j = mixtures[j mod M] (default: `default_mixtures` for the labels' count).
+    Every client gets the same size n, the largest for which the labels' rows suffice: per client the n rows
+    are apportioned over labels by p_j (largest remainder, so k_jc sums to n), and n is lowered until
+    sum_j k_jc <= count_c for every label c. Each label's rows are shuffled (keyed by the seed) and dealt to the
+    clients in client order; rows no mixture needs are left out (e.g. SST-2's surplus of positive sentences)."""
+    _check(num_clients=num_clients, seed=seed, mixtures=mixtures)
+    labels = _check_labels(labels, num_clients)
+    L = int(labels.max()) + 1
+    mix = np.asarray(mixtures if mixtures is not None else default_mixtures(L), dtype=np.float64)
+    if mix.shape[1] != L:
+        raise ValueError(f"label_mix: mixtures have {mix.shape[1]} entries but the labels have {L} ids; "
+                         f"give one proportion per label id (or mixtures: null for the paper's defaults)")
+    mix = mix[np.arange(num_clients) % len(mix)]                         # [clients, L]
+    counts = np.bincount(labels, minlength=L)
+
+    def plan(n):                                                          # [clients, L] rows per client and label
+        return np.stack([_apportion(p, n, 0) for p in mix])
+
+    demand = mix.sum(0)
+    n = int(min(counts[c] / demand[c] for c in range(L) if demand[c] > 0))
+    while n > 0 and (plan(n).sum(0) > counts).any():
+        n -= 1
+    if n < 1:
+        raise ValueError(f"label_mix: the labels' counts {counts.tolist()} cannot give {num_clients} clients even "
+                         f"one row each at these mixtures; lower num_clients or change the mixtures")
+    k = plan(n)
+    rng = numpy_rng(seed, "partition", "label_mix")
+    parts = [[] for _ in range(num_clients)]
+    for c in range(L):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        for j, piece in enumerate(np.split(rows[:k[:, c].sum()], np.cumsum(k[:, c])[:-1])):
+            parts[j].append(piece)
+    return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+
+
 # ----------------------------------------------------------------------------- registry
 
-PARTITIONS = {"iid": iid, "dirichlet": dirichlet_label_skew, "shards": shards, "quantity": quantity_skew}
+PARTITIONS = {"iid": iid, "dirichlet": dirichlet_label_skew, "shards": shards, "quantity": quantity_skew,
+              "label_mix": label_mix}
 ALIASES = {"dirichlet_label_skew": "dirichlet", "label_skew": "dirichlet", "pathological": "shards",
-           "quantity_skew": "quantity"}
+           "quantity_skew": "quantity", "ffa_paper": "label_mix"}
+# Partitions that leave rows out by design (the rest cover every sample exactly once)
+SUBSETTING = ("label_mix",)
 
 
 def partition_params(name: str) -> tuple:

@@ -2,8 +2,9 @@
 
 A family is one YAML file in configs/ (every file with a `family:` key) holding one section per profile:
 `paper` (the papers' scale, for a GPU), `quick` (a CPU, smaller model and data, labeled as such in every
-output) and `smoke` (seconds per family, for the tests); a family without a section for the chosen profile is
-skipped, and said so. A profile section expands into
+output; it touches every seed claim), `standard` (a CPU, enough seeds to decide the claims) and `smoke`
+(seconds per family, for the tests); a family without a section for the chosen profile is
+skipped, and said so (naming it in scripts.reproduce --only is an error). A profile section expands into
 runs: `base` (fedsim config keys, as in fedsim/config.py DEFAULTS) x the cartesian product of `axes`
 (each value sets config keys and gives the run a label), then `task_overrides` for the run's task, then
 every `when` rule whose `match` ({axis: label or [labels]}) fits the run; `exclude` drops combinations. Seeds
@@ -25,7 +26,7 @@ from fedsim import config as C
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs"
-PROFILES = ("smoke", "quick", "paper")
+PROFILES = ("smoke", "quick", "standard", "paper")
 FAMILIES = ("ffa_table", "dp_recipe", "heterogeneity", "alpha", "rank", "slora", "communication", "methods")
 
 
@@ -61,6 +62,11 @@ def load_families(config_dir=CONFIG_DIR):
             fams[doc["family"]] = doc
     order = {f: i for i, f in enumerate(FAMILIES)}
     return dict(sorted(fams.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def with_profile(families, profile):
+    """The names of the families that have a section for profile, in families' order."""
+    return [f for f, doc in families.items() if profile in (doc.get("profiles") or {})]
 
 
 # ----------------------------------------------------------------------------- expansion

@@ -92,6 +92,13 @@ CASES = [
     ("momentum-one", ["optimizer.momentum=1.0"], "optimizer.momentum must be in [0, 1)"),
     ("max-batch-factor-0", ["dp.max_batch_factor=0"], "dp.max_batch_factor must be > 0"),
     ("epsilon-negative", ["dp.epsilon=-1"], "use epsilon: null for non-private"),
+    ("epsilon-zero", ["dp.epsilon=0"], "dp.epsilon must be > 0 (got 0.0)"),
+    ("epsilon-nan", ["dp.epsilon=nan"], "dp.epsilon must be a number > 0 or .inf (clipping without noise)"),
+    ("epsilon-minus-inf", ["dp.epsilon=-.inf"], "dp.epsilon must be > 0 (got -inf)"),
+    ("sweep-epsilon-nan", ["sweep={dp.epsilon: [.inf, .nan]}"], "sweep.dp.epsilon must be a number > 0 or .inf"),
+    ("sweep-clip-only-mixes-non-private", ["sweep={dp.epsilon: [.inf, null]}"], "run them as two runs"),
+    ("sweep-epsilon-inf-twice", ["sweep={dp.epsilon: [.inf, inf]}"], "repeats a value"),
+    ("head-only-param", ["method={name: head_only, train_head: false}"], "unknown parameter(s) ['train_head']"),
     ("delta-above-1", ["dp.delta=1.5"], "dp.delta must be in (0, 1)"),
     ("unknown-accountant", ["dp.accountant=gdp"], "unknown dp.accountant"),
     ("epsilon-unreachable", ["dp.epsilon=0.0001"], "is unreachable"),
@@ -250,6 +257,19 @@ def test_scientific_notation_and_types_parse():
     assert cfg["dp"]["delta"] == 1e-6 and cfg["optimizer"]["lr"] == 1e-3 and cfg["rounds"] == 10
     assert isinstance(cfg["rounds"], int) and cfg["sweep"]["lora.alpha"] == [8.0, 16.0]
     assert cfg["method"]["density"] == 0.02 and cfg["dp"]["epsilon"] == 3.0
+
+
+def test_epsilon_inf_is_clip_only_not_an_error():
+    """dp.epsilon .inf / inf (YAML, --set) is the clip-only column: the DP schedule with sigma 0, a private
+    value of its own that sweeps beside finite ones and, like them, refuses a non-private neighbour."""
+    import math
+    from fedsim.config import load_config, parse_set
+    for value in (".inf", "inf", "Infinity"):
+        assert load_config(SMOKE, parse_set([f"dp.epsilon={value}"]))["dp"]["epsilon"] == math.inf
+    cfg = load_config(SMOKE, parse_set(["sweep={dp.epsilon: [.inf, 6, 3, 1]}"]))
+    assert cfg["sweep"]["dp.epsilon"] == [math.inf, 6.0, 3.0, 1.0]
+    cfg = load_config(SMOKE, parse_set(["dp.epsilon=inf", "sweep={dp.max_grad_norm: [0.5, 1.0]}"]))
+    assert cfg["sweep"]["dp.max_grad_norm"] == [0.5, 1.0]      # a clip sweep is a private run's
 
 
 def test_reproduce_checks_method_and_partition_parameters():

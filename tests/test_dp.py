@@ -173,6 +173,10 @@ def test_edge_cases_of_spending():
 @pytest.mark.parametrize("args, match", [
     ((0, 1e-5, 1.0, "rdp"), "epsilon"),
     ((-1, 1e-5, 1.0, "rdp"), "epsilon"),
+    ((math.nan, 1e-5, 1.0, "rdp"), "epsilon"),
+    ((-math.inf, 1e-5, 1.0, "rdp"), "epsilon"),
+    ((math.inf, 0, 1.0, "rdp"), "delta"),              # clip only still checks the rest of the schedule
+    ((math.inf, 1e-5, 0.0, "rdp"), "max_grad_norm"),
     ((3, 0, 1.0, "rdp"), "delta"),
     ((3, 1.0, 1.0, "rdp"), "delta"),
     ((3, 1e-5, 0.0, "rdp"), "max_grad_norm"),
@@ -250,3 +254,126 @@ def test_clip_groups_edge_cases():
     assert clip_groups({"a": (0, 2)}, {"h"}, 0.3) == (((0, 2), 1.0),)            # frozen head: one group
     with pytest.raises(ValueError, match="contiguous"):
         clip_groups({"a": (0, 2), "h": (2, 3), "b": (3, 4)}, {"h"}, 0.3)
+
+
+# ------------------------------------------------------------------------- epsilon = inf: clip only (sigma 0)
+
+def _refuse_accountants(monkeypatch):
+    """From now on any Opacus accountant call (calibration or spending) fails the test."""
+    import opacus.accountants
+    import opacus.accountants.utils
+
+    def refuse(*a, **k):
+        raise AssertionError("an accountant was asked about a clip-only (epsilon inf) federation")
+    monkeypatch.setattr(opacus.accountants.utils, "get_noise_multiplier", refuse)
+    monkeypatch.setattr(opacus.accountants, "create_accountant", refuse)
+
+
+@pytest.fixture
+def no_accountant(monkeypatch):
+    _refuse_accountants(monkeypatch)
+
+
+def test_epsilon_inf_is_sigma_zero_without_an_accountant(no_accountant):
+    from fedsim.dp import clip_only, json_epsilon
+    assert noise_multiplier_for(math.inf, 1e-5, 0.05, 100) == 0.0
+    assert noise_multiplier_for(math.inf, 1e-5, 1.0, 10, accountant="prv") == 0.0
+    assert epsilon_spent(0.0, 0.05, 100, 1e-5) == math.inf
+    cfg = DPConfig(epsilon=math.inf).validate()
+    assert cfg.private and cfg.clip_only and not DPConfig(epsilon=3).clip_only and not DPConfig().clip_only
+    assert clip_only(math.inf) and not clip_only(None) and not clip_only(3.0)
+    assert json_epsilon(math.inf) == "inf" and json_epsilon(3.0) == 3.0 and json_epsilon(None) is None
+
+
+def test_clip_only_update_is_the_clipped_average_and_clipping_binds(make_model, sst2_small, no_accountant):
+    """epsilon inf through the engine: q = 1 (every sample every step, expected batch = client size = b), two
+    clients, two SGD steps. The update equals the sequential reference's plain clip-and-average at sigma 0;
+    with a clip that never binds it is the non-private update (same samples, only their summation order
+    differs); with C = 0.05 it is far from it."""
+    import numpy as np
+    from fedsim.engine import DPSetup
+    from fedsim.reference import run_reference
+    from tests.helpers import assert_same, make_engine, reference_cfg, rel_err
+    parts = [np.arange(0, 8), np.arange(8, 16)]
+    opt, QV, b, K = {"name": "sgd", "lr": 0.5, "momentum": 0.0}, ["query", "value"], 8, 2
+    sigma = noise_multiplier_for(math.inf, 1e-5, 1.0, K)       # what fedsim.run gives an inf federation
+    assert sigma == 0.0
+
+    def final(dp, sigmas=None):
+        eng = make_engine(make_model, sst2_small, [parts], seeds=[0], optimizer=opt, targets=QV, fraction=1.0,
+                          K=K, b=b, dp=dp, sigmas=sigmas)
+        init = {k: v[0].clone() for k, v in eng.global_state.items()}
+        eng.run_round()
+        return init, {k: v[0] for k, v in eng.global_state.items()}
+
+    _, plain = final(None)
+    flat = lambda state: torch.cat([state[k].flatten() for k in sorted(state)])   # noqa: E731
+    for C in (1e6, 0.05):
+        init, got = final(DPSetup(max_grad_norm=C, sample_rate=1.0, max_batch=b), [sigma])
+        ref, _ = run_reference(make_model, sst2_small, parts, init,
+                               reference_cfg(opt, QV, 1.0, K=K, b=b, rounds=1, dp_max_grad_norm=C,
+                                             dp_noise_multiplier=0.0, dp_sample_rate=1.0, dp_max_batch=b))
+        assert_same(got, ref)
+        gap = rel_err(flat(got) - flat(init), flat(plain) - flat(init))
+        if C == 1e6:
+            assert gap < 1e-4, f"a clip that never binds changed the update ({gap:.1e})"
+        else:
+            assert gap > 0.1, f"clipping at C = 0.05 barely changed the update ({gap:.1e})"
+
+
+SMALL_RUN = dict(num_hidden_layers=2, max_length=32, train_subsample=200, eval_subsample=60, num_clients=4,
+                 client_fraction=0.5, rounds=2, local_steps=2, batch_size=8, replica_chunk=2)
+
+
+def _strict_json(text):
+    import json
+
+    def refuse(constant):
+        raise AssertionError(f"not strict JSON: bare {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_clip_only_in_an_epsilon_sweep_equals_itself_alone_and_reads_back(tmp_path, monkeypatch):
+    """sweep {dp.epsilon: [.inf, 3]} x seeds [0, 1] through fedsim.run: the (seed 1, inf) federation equals the
+    same federation run alone (dp.epsilon inf, asking no accountant) bit for bit (chunks of one federation's
+    replicas), its files are strict JSON that mark it clip only, and the figures loader labels and orders it."""
+    import yaml
+    from fedsim.config import load_config
+    from fedsim.run import run
+    from scripts.figures.load import CLIP_ONLY_LABEL, federation_frame
+    from scripts.figures.style import privacy_order
+    shared = run(load_config(overrides=dict(SMALL_RUN, seeds=[0, 1], sweep={"dp.epsilon": [math.inf, 3.0]})),
+                 tmp_path / "shared", progress=False)
+    _refuse_accountants(monkeypatch)
+    solo = run(load_config(overrides=dict(SMALL_RUN, seeds=[1], **{"dp.epsilon": "inf"})), tmp_path / "solo",
+               progress=False)
+    assert _strict_json((tmp_path / "shared" / "summary.json").read_text()) == shared
+    for d in ("shared", "solo"):
+        for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines():
+            _strict_json(line)
+    feds = shared["federations"]
+    assert [(f["seed"], f["variant"]) for f in feds] == [(s, {"dp.epsilon": e}) for s in (0, 1)
+                                                         for e in ("inf", 3.0)]
+    f = 2                                                       # seed 1, epsilon inf
+    for key in ("final", "final_loss", "noise_multiplier", "target_epsilon", "epsilon_spent", "clip_only",
+                "sample_rate", "steps_per_client"):
+        assert feds[f][key] == solo["federations"][0][key], key
+    assert feds[f]["noise_multiplier"] == 0.0 and feds[f]["clip_only"] is True
+    assert feds[f]["target_epsilon"] == feds[f]["epsilon_spent"] == "inf"
+    assert feds[3]["clip_only"] is False and feds[3]["noise_multiplier"] > 0
+    assert 0 < feds[3]["epsilon_spent"] <= 3.0 and feds[3]["target_epsilon"] == 3.0
+    g_shared = torch.load(tmp_path / "shared" / "final_global.pt")["global"]
+    g_solo = torch.load(tmp_path / "solo" / "final_global.pt")["global"]
+    for name, v in g_solo.items():
+        assert torch.equal(g_shared[name][f], v[0]), name
+    assert not torch.equal(g_shared["classifier.weight"][3], g_solo["classifier.weight"][0])   # eps 3: noise
+    assert yaml.safe_load((tmp_path / "solo" / "config.yaml").read_text())["dp"]["epsilon"] == math.inf
+
+    cfg = yaml.safe_load((tmp_path / "shared" / "config.yaml").read_text())
+    runs = [dict(name="shared", meta={"labels": {"task": "sst2", "method": "fedavg_lora"}}, cfg=cfg,
+                 summary=shared)]
+    df = federation_frame(runs, privacy=True)
+    assert list(df["privacy"]) == [CLIP_ONLY_LABEL, "ε=3"] * 2 and CLIP_ONLY_LABEL == "σ=0 (clip only)"
+    assert list(df["epsilon"]) == [math.inf, 3.0] * 2 and list(df["dp.epsilon"]) == [math.inf, 3.0] * 2
+    assert privacy_order(["ε=1", CLIP_ONLY_LABEL, "ε=3", "non-private", "ε=6", CLIP_ONLY_LABEL]) == \
+        ["non-private", CLIP_ONLY_LABEL, "ε=6", "ε=3", "ε=1"]

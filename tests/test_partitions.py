@@ -49,7 +49,12 @@ def test_every_sample_once_and_deterministic(data, name, seed, draw):
         # samples of one label for 7 clients) no draw does, and the documented error is the right answer.
         assert name == "dirichlet" and "raise alpha" in str(e) and len(labels) < 4 * clients, e
         return
-    _assert_exact_cover(parts, len(labels), clients)
+    if name in P.SUBSETTING:                          # fixed mixtures draw a subset: disjoint, never twice
+        assert len(parts) == clients and all(np.array_equal(p, np.sort(p)) for p in parts)
+        flat = np.concatenate(parts)
+        assert len(np.unique(flat)) == len(flat) and flat.min() >= 0 and flat.max() < len(labels)
+    else:
+        _assert_exact_cover(parts, len(labels), clients)
     again = P.make_partition(name, labels, clients, seed, **params)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
 
@@ -125,6 +130,11 @@ BAD = [
     ("empty labels", lambda: P.iid(np.array([], dtype=int), 1), "non-empty"),
     ("negative labels", lambda: P.iid(Y - 1, 3), "-1"),
     ("negative seed", lambda: P.iid(Y, 3, seed=-1), "seed"),
+    ("mixture not summing to 1", lambda: P.make_partition("label_mix", Y, 3, mixtures=[[0.5, 0.4, 0.0]]),
+     "summing to 1"),
+    ("mixture of the wrong length", lambda: P.make_partition("label_mix", Y, 3, mixtures=[[0.5, 0.5]]),
+     "one proportion per label"),
+    ("mixtures not a list", lambda: P.make_partition("label_mix", Y, 3, mixtures=0.5), "mixtures"),
     ("dirichlet gives up", lambda: P.dirichlet_label_skew(np.arange(300) % 3, 90, 0.001, 0, min_samples=3),
      "raise alpha"),
 ]

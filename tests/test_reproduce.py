@@ -224,3 +224,258 @@ def test_a_config_key_added_later_at_its_default_keeps_saved_runs_current(tmp_pa
     older["dp"]["max_grad_norm"] = 2.0                  # a real difference still counts
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
     assert reproduce.saved_config(tmp_path / "config.yaml") != cfg
+
+
+# ----------------------------------------------------------------------------- tuning extension, tie rule
+
+def _scripted_runner(acc, calls, sleep=0.0):
+    """A fedsim.run.run stand-in: writes config.yaml and summary.json; each federation of a tuning pass scores
+    acc[its lr] on dev (a regular run scores 0.5)."""
+    import time
+
+    import yaml
+
+    def runner(cfg, out, progress=False):
+        out = Path(out)
+        calls.append(out)
+        time.sleep(sleep)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+        lrs = cfg["sweep"].get("optimizer.lr", [cfg["optimizer"]["lr"]])
+        feds = [dict(variant={"optimizer.lr": lr} if cfg["sweep"] else {}, status="finished",
+                     final={"dev": acc[lr] if cfg["dev_fraction"] else 0.5}) for lr in lrs]
+        summary = dict(status="finished", wall_s=1.0, federations=feds)
+        (out / "summary.json").write_text(json.dumps(summary))
+        return summary
+    return runner
+
+
+def _tuned_spec(grid, **tune):
+    return dict(name="run", overrides={"task": "sst2"},
+                tune={"grid": {"optimizer.lr": grid}, "seeds": [100], "dev_fraction": 0.2, **tune})
+
+
+def test_extension_adds_points_beyond_the_edge_until_the_best_is_interior_and_resumes(tmp_path):
+    """Best at the max: 0.08 (= 0.04 * 0.04 / 0.02) is added, still best, so 0.16; 0.08 is then interior.
+    Each point is a pass of its own beside the first; a second call trains nothing, a killed one resumes."""
+    acc = {0.01: 0.5, 0.02: 0.6, 0.04: 0.7, 0.08: 0.8, 0.16: 0.75}
+    calls = []
+    runner = _scripted_runner(acc, calls)
+    spec = _tuned_spec([0.01, 0.02, 0.04], extend=3)
+    over, record = reproduce.tune_one("fam", "quick", spec, tmp_path, runner)
+    tuning = tmp_path / "fam" / "quick-tuning"
+    assert calls == [tuning / "run", tuning / "run-ext1", tuning / "run-ext2"]
+    assert over["optimizer"]["lr"] == 0.08 and record["chosen"] == {"optimizer.lr": 0.08}
+    assert record["grid"] == {"optimizer.lr": [0.01, 0.02, 0.04, 0.08, 0.16]}
+    assert record["grid_configured"] == {"optimizer.lr": [0.01, 0.02, 0.04]}
+    assert [row["optimizer.lr"] for row in record["table"]] == [0.01, 0.02, 0.04, 0.08, 0.16]
+    assert [row["dev_accuracy"] for row in record["table"]] == [0.5, 0.6, 0.7, 0.8, 0.75]
+    assert [(e["side"], e["value"], e["tuning_dir"]) for e in record["extensions"]] == [
+        ("max", 0.08, "fam/quick-tuning/run-ext1"), ("max", 0.16, "fam/quick-tuning/run-ext2")]
+    assert record["at_edge"] == [] and record["limit_reached"] is False and record["extend"] == 3
+    assert json.loads((tuning / "run" / "tuning.json").read_text()) == record
+    calls.clear()
+    assert reproduce.tune_one("fam", "quick", spec, tmp_path, runner)[1] == record and calls == []
+    (tuning / "run-ext2" / "summary.json").unlink()          # killed during the second extension
+    assert reproduce.tune_one("fam", "quick", spec, tmp_path, runner)[1] == record
+    assert calls == [tuning / "run-ext2"]
+
+
+def test_extension_stops_at_the_limit_and_extend_0_keeps_the_grid(tmp_path):
+    acc = {0.1: 0.5, 0.01: 0.6, 0.001: 0.7, 0.0001: 0.8}             # the smaller, the better: never interior
+    calls = []
+    _, record = reproduce.tune_one("fam", "quick", _tuned_spec([0.01, 0.1], extend=2), tmp_path,
+                                   _scripted_runner(acc, calls))
+    assert len(calls) == 3 and record["chosen"] == {"optimizer.lr": 0.0001}
+    assert record["grid"] == {"optimizer.lr": [0.0001, 0.001, 0.01, 0.1]}
+    assert [e["side"] for e in record["extensions"]] == ["min", "min"]
+    assert record["at_edge"] == [{"key": "optimizer.lr", "side": "min"}] and record["limit_reached"] is True
+    calls.clear()
+    spec = dict(_tuned_spec([0.01, 0.1]), name="plain")
+    _, record = reproduce.tune_one("fam", "quick", spec, tmp_path / "b", _scripted_runner(acc, calls))
+    assert len(calls) == 1 and record["chosen"] == {"optimizer.lr": 0.01} and record["extensions"] == []
+    assert record["grid"] == record["grid_configured"] and record["limit_reached"] is True
+
+
+def test_the_point_beyond_an_edge():
+    assert reproduce.beyond([0.002, 0.005, 0.01], "min") == 0.0008               # ratio 2.5, not 0.0008000000001
+    assert reproduce.beyond([0.002, 0.005, 0.01], "max") == 0.02
+    assert reproduce.beyond([0, 1, 2], "min") == -1 and reproduce.beyond([2, 0, 1], "max") == 3   # a 0: the step
+    assert reproduce.beyond([8, 16], "max") == 32 and isinstance(reproduce.beyond([8, 16], "max"), int)
+    grid = {"optimizer.lr": [0.1, 0.3], "lora.alpha": [8]}                     # one value: no edge
+    assert reproduce.edges({"optimizer.lr": 0.1, "lora.alpha": 8}, grid) == [("optimizer.lr", "min")]
+
+
+def test_tie_rule_takes_the_median_of_the_points_within_x_of_the_best(tmp_path):
+    table = [{"optimizer.lr": lr, "dev_accuracy": a} for lr, a in [(1, 0.81), (2, 0.805), (3, None), (4, 0.806),
+                                                                 (5, 0.70)]]
+    assert reproduce.pick(table) == (0, [0])                          # no tie rule: the best
+    assert reproduce.pick(table, 0.01) == (1, [0, 1, 3])              # tied: 1, 2, 4 (3 failed); median: lr 2
+    assert reproduce.pick(table, 0.005) == (1, [0, 1, 3])             # 0.81 - 0.805: within, inclusive
+    assert reproduce.pick(table, 0.004) == (0, [0, 3])                # even count: the lower middle one
+    # the rule applied before the edge test: the median of the plateau is interior, nothing is added
+    acc = {0.01: 0.70, 0.02: 0.79, 0.04: 0.80}
+    calls = []
+    _, record = reproduce.tune_one("fam", "quick", _tuned_spec(list(acc), extend=2, tie_within=0.02), tmp_path,
+                                   _scripted_runner(acc, calls))
+    assert len(calls) == 1 and record["chosen"] == {"optimizer.lr": 0.02} and record["extensions"] == []
+    assert record["tie_rule"]["tie_within"] == 0.02 and "median" in record["tie_rule"]["rule"]
+    assert record["tie_rule"]["tied"] == [{"optimizer.lr": 0.02}, {"optimizer.lr": 0.04}]
+    summary = {"federations": [dict(variant={"optimizer.lr": lr}, status="finished", final={"dev": a})
+                               for lr, a in acc.items()]}
+    assert reproduce.choose(summary, {"optimizer.lr": list(acc)}, 0.02)[0] == {"optimizer.lr": 0.02}
+
+
+def test_tune_keys_are_checked_with_a_line_naming_the_fix():
+    for tune, msg in [({"extnd": 1}, r"unknown tune keys \['extnd'\]; valid: .*'extend', 'tie_within'"),
+                      ({"extend": -1}, "tune.extend must be a whole number >= 0"),
+                      ({"extend": 1.5}, "tune.extend must be a whole number >= 0"),
+                      ({"tie_within": 1.5}, r"tune.tie_within must be an accuracy gap in \[0, 1\)"),
+                      ({"extend": 1, "grid": {"optimizer.lr": [0.01]}}, "at least 2 values")]:
+        spec = _tuned_spec([0.01, 0.02])
+        spec["tune"].update(tune)
+        with pytest.raises(ValueError, match=msg):
+            reproduce.tuning_config(spec)
+    assert reproduce.tune_protocol(_tuned_spec([0.01, 0.02], extend=2, tie_within=0.01)) == (2, 0.01)
+
+
+# ----------------------------------------------------------------------------- --only, plan, timing
+
+TOY = """family: toy
+profiles:
+  smoke:
+    base: {task: sst2, num_hidden_layers: 2, train_subsample: 120, rounds: 2}
+    axes:
+      - {name: method, key: method, values: [fedavg_lora, ffa_lora]}
+    when:
+      - {match: {method: ffa_lora}, set: {tune: {grid: {optimizer.lr: [0.01, 0.02]}, seeds: [100],
+                                                 dev_fraction: 0.2}}}
+"""
+OTHER = """family: other
+profiles:
+  quick:
+    base: {task: sst2}
+"""
+
+
+@pytest.fixture
+def toy_configs(tmp_path):
+    d = tmp_path / "configs"
+    d.mkdir()
+    (d / "toy.yaml").write_text(TOY)
+    (d / "other.yaml").write_text(OTHER)
+    return d
+
+
+@pytest.fixture
+def no_runner(monkeypatch):
+    import fedsim.run
+
+    def never(*a, **k):
+        raise AssertionError("a run started")
+    monkeypatch.setattr(fedsim.run, "run", never)
+
+
+@pytest.mark.parametrize("only,why", [("nope", "'nope' is not a family"),
+                                      ("other", "'other' has no smoke profile")])
+def test_only_an_unknown_family_or_one_without_the_profile_is_one_line(toy_configs, tmp_path, no_runner, capsys,
+                                                                       only, why):
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--profile", "smoke", "--configs", str(toy_configs), "--results", str(tmp_path / "r"),
+                        "--only", "toy", only])
+    msg = str(e.value.code)
+    assert msg == f"reproduce: --only: {why}; families with a smoke profile: toy"
+    assert capsys.readouterr().out == "" and not (tmp_path / "r").exists()
+
+
+def _committed(root, runs):
+    """Committed results with {run name: (wall_s, tuning passes' wall_s)} for family toy, profile smoke."""
+    for name, (wall, passes) in runs.items():
+        d = root / "toy" / "smoke" / name
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"status": "finished", "wall_s": wall}))
+        meta = {"name": name}
+        if passes:
+            first = f"toy/smoke-tuning/{name}"
+            meta["tuned"] = {"chosen": {}, "tuning_dir": first}
+            dirs = [first] + [f"{first}-ext{i}" for i in range(1, len(passes))]
+            for rel, w in zip(dirs, passes):
+                (root / rel).mkdir(parents=True)
+                (root / rel / "summary.json").write_text(json.dumps({"status": "finished", "wall_s": w}))
+            record = {"extensions": [{"tuning_dir": x} for x in dirs[1:]]}
+            (root / first / "tuning.json").write_text(json.dumps(record))
+        (d / "run.json").write_text(json.dumps(meta))
+
+
+def _plan_lines(toy_configs, tmp_path, committed, capsys):
+    assert reproduce.main(["--profile", "smoke", "--configs", str(toy_configs), "--results", str(tmp_path / "r"),
+                           "--compare", str(committed), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, x in enumerate(out) if x.startswith("plan")) + 1
+    return [" ".join(line.split()) for line in out[start:start + 2]]
+
+
+def test_plan_estimates_from_the_committed_twins(toy_configs, tmp_path, no_runner, capsys):
+    both, one, none = tmp_path / "both", tmp_path / "one", tmp_path / "none"
+    _committed(both, {"fedavg_lora": (120, None), "ffa_lora": (30, [60, 30])})   # a pass and one extension
+    _committed(one, {"fedavg_lora": (120, None)})
+    none.mkdir()
+    assert _plan_lines(toy_configs, tmp_path, both, capsys) == [
+        "toy 4 runs (2 + 2 tuning passes) est. 4.0 min", "total 4 runs (2 + 2 tuning passes) est. 4.0 min"]
+    assert _plan_lines(toy_configs, tmp_path, one, capsys) == [
+        "toy 3 runs (2 + 1 tuning passes) est. 2.0 min + 1 run with no estimate",
+        "total 3 runs (2 + 1 tuning passes) est. 2.0 min + 1 run with no estimate"]
+    assert _plan_lines(toy_configs, tmp_path, none, capsys) == [
+        "toy 3 runs (2 + 1 tuning passes) no estimate", "total 3 runs (2 + 1 tuning passes) no estimate"]
+    done = tmp_path / "r" / "toy" / "smoke" / "fedavg_lora"      # already finished in the results root: 0
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps({"status": "finished"}))
+    assert _plan_lines(toy_configs, tmp_path, one, capsys)[0] == \
+        "toy 3 runs (2 + 1 tuning passes) est. 0.0 min + 1 run with no estimate"
+
+
+def test_eta_scales_the_remaining_estimates_by_measured_over_estimated():
+    assert reproduce.eta([100, None, 50, 0], []) == (150, 1)
+    assert reproduce.eta([100, None, 50, 0], [(200, "computed")]) == (100, 1)         # twice as slow here
+    assert reproduce.eta([100, None, 50, 0], [(0.1, "skipped"), (9, "computed")]) == (50, 0)   # no basis yet
+
+
+def test_timing_json_merges_across_a_resumed_sweep(toy_configs, tmp_path, monkeypatch, capsys):
+    import fedsim.run
+    monkeypatch.setattr(reproduce, "partition_csv", lambda cfg: "seed\n")
+    calls = []
+    runner = _scripted_runner({0.01: 0.6, 0.02: 0.7}, calls, sleep=0.05)
+
+    def killed_at_ffa(cfg, out, progress=True):
+        if "ffa_lora" in str(out):
+            raise KeyboardInterrupt
+        return runner(cfg, out, progress)
+    root = tmp_path / "r"
+    argv = ["--profile", "smoke", "--configs", str(toy_configs), "--results", str(root), "--no-figures"]
+    monkeypatch.setattr(fedsim.run, "run", killed_at_ffa)
+    assert reproduce.main(argv) == 130
+    path = root / "toy" / "smoke" / "timing.json"
+    first = json.loads(path.read_text())
+    w1 = first["runs"]["fedavg_lora"]["wall_s"]
+    assert w1 >= 0.05 and first["runs"]["fedavg_lora"]["this_invocation"] == "computed"
+    assert set(first["runs"]) == {"fedavg_lora"} and first["wall_s"] == w1
+
+    monkeypatch.setattr(fedsim.run, "run", runner)          # resumed: fedavg_lora skipped, ffa_lora computed
+    assert reproduce.main(argv) == 0
+    assert "[2/2] toy/ffa_lora: finished" in capsys.readouterr().out
+    second = json.loads(path.read_text())
+    runs = second["runs"]
+    assert runs["fedavg_lora"]["wall_s"] == w1 and runs["fedavg_lora"]["this_invocation"] == "skipped"
+    assert runs["fedavg_lora"]["computed_at"] == first["runs"]["fedavg_lora"]["computed_at"]
+    assert runs["ffa_lora"]["this_invocation"] == "computed" and runs["ffa_lora"]["wall_s"] >= 0.1  # pass + run
+    assert second["wall_s"] == pytest.approx(w1 + runs["ffa_lora"]["wall_s"], abs=0.011)
+    assert second["invocation"]["computed"] == 1 and second["invocation"]["reused"] == 1
+    assert second["invocation"]["wall_s"] < w1 + runs["ffa_lora"]["wall_s"] + 0.05
+    assert second["runs_without_wall_s"] == []
+
+    n = len(calls)
+    assert reproduce.main(argv) == 0 and len(calls) == n    # all reused: nothing counted twice
+    third = json.loads(path.read_text())
+    assert third["wall_s"] == second["wall_s"]
+    assert {r["this_invocation"] for r in third["runs"].values()} == {"skipped"}
+    assert [third["runs"][k]["wall_s"] for k in runs] == [runs[k]["wall_s"] for k in runs]

@@ -44,6 +44,14 @@ def variant_str(variant):
     return ",".join(f"{k}={v}" for k, v in sorted((variant or {}).items()))
 
 
+def method_key(method_cfg):
+    """The method a run's config names, with readings that are different methods in a table told apart:
+    SA-FedLoRA's full-model initiating stage is `sa_fedlora_full`."""
+    if method_cfg["name"] == "sa_fedlora" and method_cfg.get("init_stage") == "full":
+        return "sa_fedlora_full"
+    return method_cfg["name"]
+
+
 def _labels(run):
     """The run's axis labels except those the config already says (task, method)."""
     return {k: v for k, v in run["meta"]["labels"].items() if k not in ("task", "method")}
@@ -67,15 +75,28 @@ def status_line(run):
     return line
 
 
+# dp.epsilon .inf: the DP schedule (Poisson sampling, per-sample clipping) with noise multiplier 0
+CLIP_ONLY_LABEL = "σ=0 (clip only)"
+
+
+def epsilon_value(epsilon):
+    """A target or spent epsilon as read from summary.json: "inf" (clip only; strict JSON has no Infinity)
+    -> math.inf; numbers and None unchanged."""
+    return math.inf if isinstance(epsilon, str) and epsilon.strip().lower() in ("inf", "infinity") else epsilon
+
+
 def privacy_label(epsilon):
-    """'non-private' or 'ε=<target epsilon>'."""
-    return "non-private" if epsilon is None or (isinstance(epsilon, float) and math.isnan(epsilon)) \
-        else f"ε={epsilon:g}"
+    """'non-private' (None/NaN), CLIP_ONLY_LABEL (inf or "inf": sigma = 0) or 'ε=<target epsilon>'."""
+    epsilon = epsilon_value(epsilon)
+    if epsilon is None or (isinstance(epsilon, float) and math.isnan(epsilon)):
+        return "non-private"
+    return CLIP_ONLY_LABEL if math.isinf(epsilon) else f"ε={epsilon:g}"
 
 
 def federation_frame(runs, privacy=False):
     """One row per (run, federation) that finished: labels, variant keys, seed, final metrics, bytes; with
-    privacy=True also a `privacy` column (privacy_label of its target epsilon)."""
+    privacy=True also a `privacy` column (privacy_label of its target epsilon). A clip-only federation's
+    epsilon, epsilon_spent and dp.epsilon are math.inf here ("inf" in its files)."""
     rows = []
     for r in runs:
         s, cfg = r["summary"], r["cfg"]
@@ -83,16 +104,16 @@ def federation_frame(runs, privacy=False):
             continue
         task = cfg["task"]
         for f in finished_federations(s):
-            row = dict(run=r["name"], task=task, method=cfg["method"]["name"], seed=f["seed"],
+            row = dict(run=r["name"], task=task, method=method_key(cfg["method"]), seed=f["seed"],
                        variant=variant_str(f.get("variant")), **_labels(r))
             for k, v in (f.get("variant") or {}).items():
-                row[k] = v
+                row[k] = epsilon_value(v) if k == "dp.epsilon" else v
             row["acc"] = f["final"].get(primary_split(task), float("nan"))
             for k, v in f["final"].items():
                 row[f"acc_{k}"] = v
             row["cum_up_MB"] = f["cum_up_bytes"] / MB
-            row["epsilon"] = f.get("target_epsilon")
-            row["epsilon_spent"] = f.get("epsilon_spent")
+            row["epsilon"] = epsilon_value(f.get("target_epsilon"))          # clip only: math.inf
+            row["epsilon_spent"] = epsilon_value(f.get("epsilon_spent"))
             row["chance"] = 1.0 / num_labels(task)
             row["lora_rank"] = int(cfg["lora"]["rank"])
             row["lora.alpha"] = float((f.get("variant") or {}).get("lora.alpha", cfg["lora"]["alpha"]))
@@ -117,7 +138,7 @@ def curve_frame(runs):
         for m in r["metrics"]:
             if f"acc_{split}" not in m or m["federation"] not in healthy:
                 continue
-            rows.append(dict(run=r["name"], task=r["cfg"]["task"], method=r["cfg"]["method"]["name"],
+            rows.append(dict(run=r["name"], task=r["cfg"]["task"], method=method_key(r["cfg"]["method"]),
                              federation=m["federation"], seed=m["seed"], variant=variant_str(m.get("variant")),
                              round=m["round"], acc=m[f"acc_{split}"], cum_up_MB=m["cum_up_bytes"] / MB,
                              **_labels(r)))

@@ -16,8 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 PNG_META = {"Software": None}
 PDF_META = {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None}
 METHOD_LABEL = {"fedavg_fft": "FedAvg-FFT", "fedavg_lora": "FedAvg-LoRA", "ffa_lora": "FFA-LoRA",
-                "slora": "SLoRA", "sa_fedlora": "SA-FedLoRA"}
-METHOD_ORDER = ["fedavg_fft", "fedavg_lora", "ffa_lora", "slora", "sa_fedlora"]
+                "slora": "SLoRA", "sa_fedlora": "SA-FedLoRA", "sa_fedlora_full": "SA-FedLoRA (full init)",
+                "head_only": "head only"}
+METHOD_ORDER = ["fedavg_fft", "fedavg_lora", "ffa_lora", "slora", "sa_fedlora", "sa_fedlora_full", "head_only"]
 # How "comparable" and "same" are judged (also printed in the README):
 COMPARABLE_TOL = 0.02      # accuracy points (fraction) below which two methods count as comparable ...
 SPREAD = "max"             # ... or within the larger of the two seed standard deviations, whichever is larger
@@ -56,7 +57,8 @@ def _tex_escape(s):
     for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
         s = s.replace(a, b)
     return s.replace("±", r"$\pm$").replace("≈", r"$\approx$").replace("ε", r"$\varepsilon$") \
-        .replace("α", r"$\alpha$").replace("†", r"$^\dagger$").replace("Δ", r"$\Delta$")
+        .replace("σ", r"$\sigma$").replace("α", r"$\alpha$").replace("†", r"$^\dagger$") \
+        .replace("Δ", r"$\Delta$")
 
 
 def latex(df, caption, index=True):
@@ -113,8 +115,14 @@ def learned(mean, chance):
 
 
 def privacy_order(levels):
+    """Privacy labels (scripts.figures.load.privacy_label) from the least private: non-private, σ=0 (clip
+    only), then ε from the largest to the smallest."""
+    from scripts.figures.load import CLIP_ONLY_LABEL
+
     def key(s):
-        return (0, 0) if s == "non-private" else (1, -float(s.split("=")[1]))
+        if s == "non-private":
+            return (0, 0.0)
+        return (1, 0.0) if s == CLIP_ONLY_LABEL else (2, -float(s.split("=")[1]))
     return sorted(set(levels), key=key)
 
 
