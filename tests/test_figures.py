@@ -38,29 +38,7 @@ def test_dp_recipe_sets_each_recipe_beside_the_ffa_table_cells_at_the_same_epsil
 
 # ---------------------------------------------------------------------------------------------- claims
 
-def _ffa_results(ffa, fedavg, eps=1.0):
-    """The FFA table's typed result the claims read: per-seed accuracies of both methods, non-private and at eps."""
-    from scripts.figures.load import agg
-    rows = [dict(task="sst2", method=m, privacy=p, seed=s, acc=acc)
-            for m, accs in (("ffa_lora", ffa), ("fedavg_lora", fedavg))
-            for p, shift in (("non-private", 0.05), (f"ε={eps:g}", 0.0)) for s, acc in enumerate(accs)
-            for acc in [acc + shift]]
-    seeds = pd.DataFrame(rows)
-    return {"ffa_table": FFATable(cells=agg(seeds, ["task", "method", "privacy"]), seeds=seeds)}
-
-
-@pytest.mark.parametrize("ffa,fedavg,verdict", [
-    ([0.80, 0.82, 0.81], [0.70, 0.71, 0.69], "reproduced"),                 # +11 points, tight: decided
-    ([0.70, 0.71, 0.69], [0.80, 0.82, 0.81], "refuted"),                    # the other way
-    ([0.80, 0.60, 0.75], [0.70, 0.72, 0.69], "underpowered"),               # +1 point, seeds disagree
-    ([0.51, 0.52, 0.50], [0.50, 0.49, 0.51], "inconclusive (both at chance)"),   # SST-2 chance is 50%
-])
-def test_ffa_claim_verdict_from_paired_seeds(ffa, fedavg, verdict):
-    from scripts.figures.claims import claims
-    rows = claims(_ffa_results(ffa, fedavg))
-    (paper, _, family, got, numbers), = rows
-    assert (paper, family, got) == ("FFA-LoRA", "ffa_table", verdict)
-    assert "ε=1" in numbers
+# The FFA-LoRA claim's verdicts (per task and epsilon) are tested in tests/test_claims.py.
 
 
 def test_bytes_to_target_is_the_upload_when_accuracy_first_reaches_it():

@@ -41,6 +41,21 @@ def available_profiles(root):
     return [p for p in PROFILES if p in found]
 
 
+def measured_minutes(path):
+    """The family's measured wall time from the timing.json that scripts.reproduce writes (runs and tuning
+    passes, setup and tokenization included), or None without one."""
+    import json
+    try:
+        t = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    runs = t.get("runs", {})
+    missing = t.get("runs_without_wall_s") or 0
+    return (f"Measured wall time: {t['wall_s'] / 60:.1f} min on the machine in `Produced on` ({len(runs)} runs "
+            f"with their tuning passes, setup and tokenization included; scripts.reproduce's timing.json)"
+            + (f"; {missing} run(s) without a measurement" if missing else ""))
+
+
 def build(root, profile, families=None):
     root = Path(root)
     fam_docs = load_families(families) if families else load_families()
@@ -66,6 +81,8 @@ def build(root, profile, families=None):
             sections[fam] = (setting_line(view.runs), [], provenance(view.runs), w.items)
             continue
         if not runs:
+            sections[fam] = ("", [f"no run of the {profile} profile is saved yet: `python -m scripts.reproduce "
+                                  f"--profile {profile} --only {fam}` runs it"], [], [])
             continue
         if fam in RENDER:
             ctx.results[fam] = RENDER[fam](w, runs, ctx)
@@ -75,6 +92,9 @@ def build(root, profile, families=None):
             "profiles", {}) else []
         absent = [f"run `{n}`: not run yet" for n in planned if n not in {r["name"] for r in runs}]
         status = [f"{len(runs) - len(bad)} of {max(len(runs), len(planned))} runs finished"] + bad + absent
+        minutes = measured_minutes(w.out / "timing.json")
+        if minutes:
+            status.append(minutes)
         sections[fam] = (setting_line(runs), status, provenance(runs), w.items)
     heat = partition_heatmaps(root, profile, all_runs)
     write_readme(root, profile, sections, claims(ctx.results), heat, notes)

@@ -15,5 +15,6 @@ def register(name):
     return wrap
 
 
-from scripts.figures.families import dp_recipe, ffa_table, heterogeneity, methods, slora, sweeps  # noqa: E402,F401
+from scripts.figures.families import (ceiling, dp_recipe, ffa_table, heterogeneity, methods, slora,  # noqa: E402,F401
+                                      sweeps)
 from scripts.figures.families.communication import family_communication  # noqa: E402,F401
