@@ -612,6 +612,16 @@ class _Rows:
             (self.het.task == task) & self.het.method.isin(methods) & self.het.partition.isin(parts)]["run"]))
         return self.cfgs("heterogeneity", names, self.het_match(task, methods))
 
+    def het_lacking(self, cid, paper, claim, task, part, arms):
+        """The "not run" row of a heterogeneity claim whose arms ({method: per-seed values}) lack a method at
+        `part`, or None when every arm is there."""
+        lacking = [m for m, a in arms.items() if not a]
+        if not lacking:
+            return None
+        return self.missing(cid, paper, claim, "heterogeneity", self.het_match(task, lacking, part),
+                            f"{' and '.join(lacking)} at {_pname(part)}",
+                            self.het_cfgs(task, [m for m in arms if arms[m]], [part]))
+
     def g(self):
         """Today's rule: the FFT − LoRA gap at the most skewed partition minus the gap at the least skewed,
         paired by seed; inconclusive unless FedAvg-FFT is above chance at both ends (a gap to a chance-level FFT
@@ -660,11 +670,9 @@ class _Rows:
             part = parts[-1]
             c = f"{claim} ({_pname(part)}): {task}"
             arms = {m: self.het_arm(task, m, part) for m in ("fedavg_fft", PEFT_METHOD, "slora")}
-            lacking = [m for m, a in arms.items() if not a]
+            lacking = self.het_lacking("h", papers.SLORA, c, task, part, arms)
             if lacking:
-                out.append(self.missing("h", papers.SLORA, c, "heterogeneity", self.het_match(task, lacking, part),
-                                        f"{' and '.join(lacking)} at {_pname(part)}",
-                                        self.het_cfgs(task, [m for m in arms if arms[m]], [part])))
+                out.append(lacking)
                 continue
             out.append(self._closes(c, task, part, arms))
         return out
@@ -819,12 +827,9 @@ class _Rows:
         for task, part, reading in self.sa_cells():
             claim = f"fewer communicated parameters than FedAvg-FFT: {task}, {_pname(part)}, {reading}"
             arms = {m: self.het_arm(task, m, part) for m in (reading, "fedavg_fft")}
-            lacking = [m for m, a in arms.items() if not a]
+            lacking = self.het_lacking("j", papers.SA_FEDLORA, claim, task, part, arms)
             if lacking:
-                out.append(self.missing("j", papers.SA_FEDLORA, claim, "heterogeneity",
-                                        self.het_match(task, lacking, part),
-                                        f"{' and '.join(lacking)} at {_pname(part)}",
-                                        self.het_cfgs(task, [m for m in arms if arms[m]], [part])))
+                out.append(lacking)
                 continue
             t = self.het[(self.het.task == task) & (self.het.partition == part)]
             sa_b, fft_b = (t[t.method == m]["cum_up_MB"].mean() * MB for m in (reading, "fedavg_fft"))
@@ -882,12 +887,9 @@ class _Rows:
             claim = (f"accuracy not below FedAvg-FFT and fixed-rank FedAvg-LoRA: {task}, {_pname(part)}, "
                      f"{reading}")
             arms = {m: self.het_arm(task, m, part) for m in (reading, "fedavg_fft", PEFT_METHOD)}
-            lacking = [m for m, a in arms.items() if not a]
+            lacking = self.het_lacking("k", papers.SA_FEDLORA, claim, task, part, arms)
             if lacking:
-                out.append(self.missing("k", papers.SA_FEDLORA, claim, "heterogeneity",
-                                        self.het_match(task, lacking, part),
-                                        f"{' and '.join(lacking)} at {_pname(part)}",
-                                        self.het_cfgs(task, [m for m in arms if arms[m]], [part])))
+                out.append(lacking)
                 continue
             sa, parts, words, seeds_needed = arms[reading], [], [], []
             for ref, name in (("fedavg_fft", "FedAvg-FFT"), (PEFT_METHOD, "FedAvg-LoRA")):
