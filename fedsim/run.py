@@ -3,8 +3,8 @@
     python -m fedsim.run --config configs/smoke.yaml --set dp.epsilon=3 --out results/scratch/run1
 
 The run directory gets config.yaml (resolved, with its config hash), metrics.jsonl (one line per round and
-federation), summary.json, env.json (git commit, device, library versions) and, while running,
-checkpoint.pt, so a killed run resumes where it stopped and ends with the same numbers.
+federation), summary.json, env.json (git commit, times, device, CPU, threads, versions, model and data sha256)
+and, while running, checkpoint.pt, so a killed run resumes where it stopped and ends with the same numbers.
 
 A private federation's summary entry holds noise_multiplier, target_epsilon, epsilon_spent, clip_only, delta,
 sample_rate and steps_per_client. dp.epsilon .inf (clip only: the DP schedule with sigma = 0) is written
@@ -22,6 +22,7 @@ Trust rules:
   --retry-failed runs it again from round 0.
 """
 import argparse
+import datetime
 import io
 import json
 import sys
@@ -37,7 +38,7 @@ from fedsim.config import config_diff, config_hash, federations, load_config, pa
 from fedsim.autochunk import choose_replica_chunk
 from fedsim.engine import DPSetup, Federation, build_engine
 from fedsim.files import atomic_write
-from fedsim.provenance import cpu_has_native_bf16, environment
+from fedsim.provenance import cpu_has_native_bf16, environment, file_sha256, model_record
 from fedsim.sampling import PoissonOverflowError
 
 
@@ -175,6 +176,7 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
     """Run (or resume, or skip if finished) one experiment into out_dir. Returns the summary dict.
 
     Raises RunError (before anything in out_dir changes) for bad input or an unusable run directory."""
+    started = utc_now()
     out = Path(out_dir)
     ckpt, metrics_path, summary_path = out / "checkpoint.pt", out / "metrics.jsonl", out / "summary.json"
     if out.exists() and not out.is_dir():
@@ -215,6 +217,8 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
         records, wall, code = state["records"], state["wall"], state.get("code", [])
     # the code that computed the rounds, oldest first: a run resumed after a new commit says so in env.json
     env = environment(exp.device)
+    env["started"] = started                          # this invocation; a resumed run keeps code_by_round too
+    env.update(inputs(cfg, exp))
     version = (env["git_commit"], env["git_dirty"])
     if not code or (code[-1]["git_commit"], code[-1]["git_dirty"]) != version:
         code = code + [dict(git_commit=version[0], git_dirty=version[1], from_round=engine.round_idx + 1)]
@@ -278,10 +282,31 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
             p))
     if len(code) > 1:                            # resumed under other code: every version that computed rounds
         env["code_by_round"] = code
+    env["finished"] = utc_now()
     atomic_write(out / "env.json", lambda p: p.write_text(json.dumps(env, indent=2)))
     atomic_write(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2)))
     ckpt.unlink(missing_ok=True)
     return summary
+
+
+def utc_now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def inputs(cfg, exp):
+    """What the run read: the backbone (package versions, weights' sha256) and each data file's sha256
+    (training split and every evaluation split; "hub" where the file came from the Hugging Face hub)."""
+    from fedsim.models import model_packages, resolve_model
+    from fedsim.tasks import find_split_file
+    # a tuning pass's "dev" split is held-out training rows (split None): the training file covers it
+    splits = [exp.task.train_split] + sorted({s for s in exp.eval_splits.values() if s is not None})
+    data = {}
+    for split in splits:
+        path = find_split_file(exp.task, split, cfg["data_dir"])
+        # the file as the data README names it (<task dir>/<split>.parquet): the same on every machine
+        data[split] = "hub" if path is None else {"file": f"{path.parent.name}/{path.name}",
+                                                  "sha256": file_sha256(path)}
+    return {"model": model_record(resolve_model(cfg["model"])[0], model_packages(cfg["model"])), "data": data}
 
 
 def _overflow(e, cfg, engine):

