@@ -457,14 +457,24 @@ def _wall_s(run_dir):
     return float(wall) if _is_number(wall) else None
 
 
+def _same_setting(twin, cfg, tuned_keys):
+    """Whether the twin's config.yaml is this run's config, up to the tuned keys (the twin's tuning may have
+    chosen other values) and the result-neutral ones: a twin of another config (more seeds, other epsilons)
+    says nothing about this run's time."""
+    saved = saved_config(Path(twin) / "config.yaml")
+    if saved is None:
+        return False
+    return not C.config_diff(saved, cfg, ignore=tuple(C.RESULT_NEUTRAL) + tuple(tuned_keys))
+
+
 def estimate(todo, profile, committed, root, retry_failed=False):
     """Per run of todo: (tuning passes it will run, estimated seconds or None for no estimate).
 
     A run already done in root (finished, or recorded failed without --retry-failed) costs 0 and runs no
     pass. Otherwise its twin, the same family, profile and run name under committed, gives the estimate: its
     summary.json wall_s (0 if it was copied from another run) plus the wall_s of its tuning passes (the first
-    and each extension its tuning.json lists), a pass shared by several runs counted once. No twin, or a
-    wall_s missing: None. Tuning passes without a twin: 1 for a tuned run (extensions cannot be foreseen)."""
+    and each extension its tuning.json lists), a pass shared by several runs counted once. No twin, a twin
+    of another config (up to the tuned keys), or a wall_s missing: None. Tuning passes without a twin: 1 for a tuned run (extensions cannot be foreseen)."""
     out, seen = [], set()
     for fam, spec in todo:
         status = (_summary(Path(root) / fam / profile / spec["name"]) or {}).get("status", "")
@@ -472,8 +482,10 @@ def estimate(todo, profile, committed, root, retry_failed=False):
             out.append((0, 0.0))
             continue
         twin = Path(committed) / fam / profile / spec["name"]
-        if not (twin / "summary.json").exists():
-            out.append((1 if spec.get("tune") else 0, None))
+        tuned_keys = set((spec.get("tune") or {}).get("grid", {}))
+        if not (twin / "summary.json").exists() or not _same_setting(twin, build_config(spec["overrides"]),
+                                                                     tuned_keys):
+            out.append((1 if spec.get("tune") else 0, None))     # no twin, or one of another config: no guess
             continue
         try:
             meta = json.loads((twin / "run.json").read_text())

@@ -49,3 +49,29 @@ def test_bytes_to_target_is_the_upload_when_accuracy_first_reaches_it():
     got = bytes_to_target(curves.sample(frac=1.0, random_state=0), target=0.8).set_index("federation")["MB"]
     assert got[0] == 20.0                     # first reached in round 2, though it dips afterwards
     assert np.isnan(got[1])                   # never reached
+
+
+def test_mb_to_target_is_void_when_any_seed_missed_it():
+    """The reference FFT's bytes to target is the mean over all its seeds; one seed that never reached the
+    target voids it instead of leaving the mean of the seeds that did (which flatters the reference)."""
+    from scripts.figures.families.communication import mb_to_target
+    bt = pd.DataFrame(dict(method=["fedavg_fft", "fedavg_fft", "slora", "slora"], MB=[10.0, np.nan, 2.0, 4.0]))
+    mb, note = mb_to_target(bt, "fedavg_fft")
+    assert np.isnan(mb) and note == "FedAvg-FFT missed it (1/2 seeds)"
+    assert mb_to_target(bt, "slora") == (3.0, "-")
+
+
+def test_tables_and_error_bars_show_the_95_percent_t_interval():
+    """agg's `ci` is the t-interval half-width t(0.975, n-1) s / sqrt(n), not the std; one seed has none and
+    the table says '1 seed' instead of a zero-width interval."""
+    from scipy import stats
+
+    from scripts.figures.load import agg
+    from scripts.figures.style import fmt_pct
+    df = pd.DataFrame(dict(method=["a", "a", "a", "b"], acc=[0.70, 0.72, 0.74, 0.6]))
+    a = agg(df, ["method"]).set_index("method")
+    assert a.loc["a", "ci"] == pytest.approx(stats.t.ppf(0.975, 2) * 0.02 / np.sqrt(3))   # 4.30 x std / sqrt 3
+    assert a.loc["a", "ci"] > 2 * a.loc["a", "std"]          # with 3 seeds the interval is far wider than 1 std
+    assert np.isnan(a.loc["b", "ci"])
+    assert fmt_pct(a.loc["a", "mean"], a.loc["a", "ci"], a.loc["a", "n"]) == "72.0 ± 5.0"
+    assert fmt_pct(a.loc["b", "mean"], a.loc["b", "ci"], a.loc["b", "n"]) == "60.0 (1 seed)"

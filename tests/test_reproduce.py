@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from scripts import figures, reproduce
 from scripts.figures.load import variant_str
@@ -388,12 +389,28 @@ def test_only_an_unknown_family_or_one_without_the_profile_is_one_line(toy_confi
     assert capsys.readouterr().out == "" and not (tmp_path / "r").exists()
 
 
-def _committed(root, runs):
-    """Committed results with {run name: (wall_s, tuning passes' wall_s)} for family toy, profile smoke."""
+def _toy_config(name, **changes):
+    """The resolved config of toy's smoke run `name`, with dotted-key changes (what its config.yaml holds)."""
+    from scripts.families import build_config, expand
+    spec = next(r for r in expand(yaml.safe_load(TOY), "smoke") if r["name"] == name)
+    cfg = build_config(spec["overrides"])
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        node = cfg
+        for k in path:
+            node = node[k]
+        node[last] = value
+    return cfg
+
+
+def _committed(root, runs, **changes):
+    """Committed results with {run name: (wall_s, tuning passes' wall_s)} for family toy, profile smoke, each
+    with the config.yaml of that run (dotted-key `changes` applied: a twin of another config)."""
     for name, (wall, passes) in runs.items():
         d = root / "toy" / "smoke" / name
         d.mkdir(parents=True)
         (d / "summary.json").write_text(json.dumps({"status": "finished", "wall_s": wall}))
+        (d / "config.yaml").write_text(yaml.safe_dump(_toy_config(name, **changes)))
         meta = {"name": name}
         if passes:
             first = f"toy/smoke-tuning/{name}"
@@ -432,6 +449,17 @@ def test_plan_estimates_from_the_committed_twins(toy_configs, tmp_path, no_runne
     (done / "summary.json").write_text(json.dumps({"status": "finished"}))
     assert _plan_lines(toy_configs, tmp_path, one, capsys)[0] == \
         "toy 3 runs (2 + 1 tuning passes) est. 0.0 min + 1 run with no estimate"
+
+
+def test_plan_estimates_only_from_a_twin_of_the_same_config(toy_configs, tmp_path, no_runner, capsys):
+    """A committed run of another config (here more rounds) says nothing about this one's time; a twin whose
+    tuning chose another learning rate (the tuned key) still does."""
+    other, tuned = tmp_path / "other", tmp_path / "tuned"
+    _committed(other, {"fedavg_lora": (120, None), "ffa_lora": (30, [60])}, rounds=3)
+    _committed(tuned, {"fedavg_lora": (120, None)})
+    _committed(tuned, {"ffa_lora": (30, [60])}, **{"optimizer.lr": 0.02})     # tuned: ffa_lora's grid key
+    assert _plan_lines(toy_configs, tmp_path, other, capsys)[0] == "toy 3 runs (2 + 1 tuning passes) no estimate"
+    assert _plan_lines(toy_configs, tmp_path, tuned, capsys)[0] == "toy 3 runs (2 + 1 tuning passes) est. 3.5 min"
 
 
 def test_eta_scales_the_remaining_estimates_by_measured_over_estimated():

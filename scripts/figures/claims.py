@@ -24,16 +24,15 @@ from fractions import Fraction
 from pathlib import Path
 
 import pandas as pd
-from scipy import stats
 
 from fedsim import config as C
 from scripts.families import PROFILES, expand, load_families, required
 from scripts.figures import papers
 from scripts.figures.families.heterogeneity import PEFT_METHOD
-from scripts.figures.load import (CLIP_ONLY_LABEL, MB, agg, curve_frame, federation_frame, load_runs, num_labels,
-                                  per_seed, privacy_label)
+from scripts.figures.load import (CLIP_ONLY_LABEL, MB, agg, ci_half, curve_frame, federation_frame, load_runs,
+                                  num_labels, per_seed, privacy_label)
 from scripts.figures.style import COMPARABLE_TOL, learned, partition_key, partition_name, tol
-from scripts.verdicts import LEVEL, paired_verdict
+from scripts.verdicts import paired_verdict
 
 EPSILONS = ("ε=6", "ε=3", "ε=1")                        # the FFA-LoRA paper's private levels, largest first
 DP_LEVELS = ("non-private", CLIP_ONLY_LABEL) + EPSILONS   # (c)'s sequence
@@ -95,7 +94,7 @@ def _sd(values):
 
 def _half(sd, n):
     """Half-width of the 95% t-interval of a mean of n values (nan for one)."""
-    return stats.t.ppf(0.5 + LEVEL / 2, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+    return ci_half(sd, n)
 
 
 def _fmt_cell(mean, sd, n):

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from scipy import stats
+
+from scripts.verdicts import LEVEL
 
 MB = 1e6  # bytes per MB in tables and axes
 
@@ -145,11 +148,20 @@ def curve_frame(runs):
     return pd.DataFrame(rows)
 
 
+def ci_half(std, n, level=LEVEL):
+    """Half-width of the two-sided t-interval (level, 95%) of a mean of n values with sample std `std`;
+    nan for a single value (no interval)."""
+    n = int(n)
+    return float(stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+
+
 def agg(df, by, col="acc"):
-    """mean, std (sample, ddof=1; 0 for one seed), n over seeds for each group of `by`."""
+    """mean, std (sample, ddof=1; 0 for one seed), n and ci (95% t-interval half-width; nan for one seed) over
+    seeds for each group of `by`."""
     g = df.groupby(by, sort=False, dropna=False)[col]
     out = g.agg(["mean", "std", "count"]).rename(columns={"count": "n"}).reset_index()
     out["std"] = out["std"].fillna(0.0)
+    out["ci"] = [ci_half(s, n) for s, n in zip(out["std"], out["n"])]
     return out
 
 

@@ -120,9 +120,10 @@ def write_readme(root, profile, sections, claim_rows, heatmaps, notes_by_family)
              f"It opens with each seed-paper claim beside our number and verdict (a claim whose runs this profile "
              f"lacks says so, with the command that runs them), then each family's tables and figures.", "",
              "Accuracy is the global model's final accuracy on the task's evaluation split (MNLI: "
-             "validation_matched, SST-2/RTE: validation, 20 Newsgroups: test). The family tables give mean ± "
-             "sample std over seeds (each seed is an independent federation trained in the same batched pass); "
-             "the claims table gives 95% t-intervals. `(chance)` marks cells within 5 points of chance level: "
+             "validation_matched, SST-2/RTE: validation, 20 Newsgroups: test). Tables and figures give the "
+             "mean over seeds with the half-width of its 95% t-interval (each seed is an independent federation "
+             "trained in the same batched pass; a single seed shows its value and `(1 seed)`, and its figure "
+             "has no bar). `(chance)` marks cells within 5 points of chance level: "
              "those runs did not learn and say nothing about the methods. `≈` marks differences smaller than the "
              "seed spread (the larger of the two std); `†` marks the best method of a column or one within the "
              "seed spread of it.", ""]

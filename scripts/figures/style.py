@@ -1,4 +1,4 @@
-"""How results look: method names and order, mean ± std formatting, the comparability rules, markdown /
+"""How results look: method names and order, mean ± 95% interval formatting, the comparability rules, markdown /
 LaTeX / CSV tables and PNG / PDF figures written deterministically (Writer), and the matplotlib setup.
 """
 import math
@@ -27,10 +27,19 @@ plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 150, "font.size": 9, "axe
                      "grid.alpha": 0.3, "legend.fontsize": 8, "path.simplify": False})
 
 
-def fmt_pct(mean, std, n=None):
+# What a table's "a ± b" and a figure's error bar mean (captions quote it):
+INTERVAL = "mean ± half-width of the 95% t-interval over seeds; one seed: its value, no interval"
+BARS = "error bars: 95% t-interval over seeds (none for one seed)"
+
+
+def fmt_pct(mean, half, n):
+    """A mean accuracy in percent with its 95% interval half-width (scripts.figures.load.ci_half); a single
+    seed says so instead of showing a zero-width interval."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    if int(n) < 2 or half != half:
+        return f"{100 * mean:.1f} (1 seed)"
+    return f"{100 * mean:.1f} ± {100 * half:.1f}"
 
 
 def tol(std_a, std_b):
@@ -101,8 +110,10 @@ def clean_outputs(out_dir):
             shutil.rmtree(out_dir / sub)
 
 
-def errorbar(ax, x, mean, std, label, **kw):
-    ax.errorbar(x, mean, yerr=std, marker="o", ms=4, capsize=3, lw=1.2, label=label, **kw)
+def errorbar(ax, x, mean, half, label, **kw):
+    """Means with their 95% interval half-widths (nan: a single seed, no bar)."""
+    ax.errorbar(x, mean, yerr=[0.0 if h != h else h for h in half], marker="o", ms=4, capsize=3, lw=1.2,
+                label=label, **kw)
 
 
 def methods_present(df):

@@ -4,7 +4,7 @@ import pandas as pd
 
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, num_labels, primary_split
-from scripts.figures.style import METHOD_LABEL, fmt_pct, learned
+from scripts.figures.style import INTERVAL, METHOD_LABEL, fmt_pct, learned
 
 
 def samples_seen(cfg):
@@ -27,7 +27,7 @@ def family_ceiling(w, runs, ctx):
         chance = 1.0 / num_labels(task)
         rows.append({"task": task, "setting": f"centralized, 1 client, {samples:,} samples",
                      "method": METHOD_LABEL.get(method, method),
-                     f"accuracy on {primary_split(task)} (%)": fmt_pct(a["mean"], a["std"])
+                     f"accuracy on {primary_split(task)} (%)": fmt_pct(a["mean"], a["ci"], a["n"])
                      + ("" if learned(a["mean"], chance) else " (chance)"), "seeds": int(a["n"])})
         raw.append(dict(task=task, setting="centralized", method=method, samples=samples, mean=a["mean"],
                         std=a["std"], n=int(a["n"])))
@@ -38,11 +38,11 @@ def family_ceiling(w, runs, ctx):
                 b = agg(f, ["task"]).iloc[0]
                 rows.append({"task": task, "setting": "federated (ffa_table's non-private cell)",
                              "method": METHOD_LABEL.get(method, method),
-                             f"accuracy on {primary_split(task)} (%)": fmt_pct(b["mean"], b["std"]),
+                             f"accuracy on {primary_split(task)} (%)": fmt_pct(b["mean"], b["ci"], b["n"]),
                              "seeds": int(b["n"])})
                 raw.append(dict(task=task, setting="federated", method=method, samples=samples, mean=b["mean"],
                                 std=b["std"], n=int(b["n"])))
     w.table("ceiling", pd.DataFrame(rows).set_index("task"), pd.DataFrame(raw),
             "Centralized ceiling: one client on all training rows for the same number of samples as the federated "
-            "run (rounds x local steps x batch x clients per round), mean ± std over seeds.")
+            f"run (rounds x local steps x batch x clients per round), {INTERVAL}.")
     return pd.DataFrame(raw)

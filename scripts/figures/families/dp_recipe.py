@@ -4,7 +4,7 @@ import pandas as pd
 
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, num_labels, per_seed
-from scripts.figures.style import METHOD_LABEL, fmt_pct, learned, methods_present
+from scripts.figures.style import INTERVAL, METHOD_LABEL, fmt_pct, learned, methods_present
 from scripts.verdicts import paired_verdict
 
 
@@ -38,7 +38,7 @@ def family_dp_recipe(w, runs, ctx):
                     row[rec] = "-"
                     continue
                 c = c.iloc[0]
-                row[rec] = fmt_pct(c["mean"], c["std"]) + ("" if learned(c["mean"], chance) else " (chance)")
+                row[rec] = fmt_pct(c["mean"], c["ci"], c["n"]) + ("" if learned(c["mean"], chance) else " (chance)")
                 raw.append(dict(task=task, method=method, recipe=rec, mean=c["mean"], std=c["std"], n=c["n"]))
             rows.append(row)
         for rec in recipes:
@@ -50,7 +50,7 @@ def family_dp_recipe(w, runs, ctx):
                                   verdict="inconclusive (both at chance)" if dead else v.verdict,
                                   text=f"Δ {100 * v.mean:+.1f} points: no verdict, both at chance" if dead else v.text()))
     w.table("accuracy", pd.DataFrame(rows).set_index(["task", "method"]), pd.DataFrame(raw),
-            f"Final accuracy (%) at {eps} (δ=1e-5) by DP recipe, mean ± std over seeds; the first column is the "
+            f"Final accuracy (%) at {eps} (δ=1e-5) by DP recipe, {INTERVAL}; the first column is the "
             f"FFA table's cells at the same ε.")
     if diffs:
         d = pd.DataFrame(diffs)

@@ -5,8 +5,8 @@ import pandas as pd
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, num_labels, primary_split
 from scripts.figures.results import FFATable
-from scripts.figures.style import (METHOD_LABEL, errorbar, fmt_pct, learned, methods_present, privacy_order,
-                                   within_spread)
+from scripts.figures.style import (BARS, INTERVAL, METHOD_LABEL, errorbar, fmt_pct, learned, methods_present,
+                                   privacy_order, within_spread)
 
 
 @register("ffa_table")
@@ -28,12 +28,12 @@ def family_ffa_table(w, runs, ctx):
                     continue
                 c = c.iloc[0]
                 mark = "" if learned(c["mean"], c["chance"]) else " (chance)"
-                row[lev] = fmt_pct(c["mean"], c["std"]) + mark
+                row[lev] = fmt_pct(c["mean"], c["ci"], c["n"]) + mark
                 raw.append(dict(task=task, method=method, privacy=lev, mean=c["mean"], std=c["std"], n=c["n"]))
             disp_rows.append(row)
     disp = pd.DataFrame(disp_rows).set_index(["task", "method"])
     w.table("accuracy", disp, pd.DataFrame(raw),
-            "Final accuracy (%) of the global model, mean ± std over seeds, by privacy level (δ=1e-5).")
+            f"Final accuracy (%) of the global model by privacy level (δ=1e-5); {INTERVAL}.")
     # FFA - FedAvg per task and level, flagged when within the seed spread
     diff_rows, diff_raw = [], []
     for task in sorted(a["task"].unique()):
@@ -58,7 +58,7 @@ def family_ffa_table(w, runs, ctx):
     for ax, task in zip(axes[0], tasks):
         for method in methods_present(a[a.task == task]):
             c = a[(a.task == task) & (a.method == method)].set_index("privacy").reindex(levels)
-            errorbar(ax, range(len(levels)), 100 * c["mean"], 100 * c["std"], METHOD_LABEL.get(method, method))
+            errorbar(ax, range(len(levels)), 100 * c["mean"], 100 * c["ci"], METHOD_LABEL.get(method, method))
         ax.axhline(100 / num_labels(task), color="grey", ls=":", lw=1, label="chance")
         ax.set_xticks(range(len(levels)), levels)
         ax.set_xlabel("privacy level (δ=1e-5)")
@@ -66,5 +66,5 @@ def family_ffa_table(w, runs, ctx):
         ax.set_title(task)
         ax.legend()
     fig.tight_layout()
-    w.figure("accuracy_vs_privacy", fig, "Accuracy vs privacy level; error bars = 1 std over seeds.")
+    w.figure("accuracy_vs_privacy", fig, f"Accuracy vs privacy level; {BARS}.")
     return FFATable(cells=a, seeds=df)

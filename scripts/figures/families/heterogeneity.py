@@ -5,8 +5,8 @@ import pandas as pd
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, num_labels, primary_split
 from scripts.figures.results import Heterogeneity
-from scripts.figures.style import (METHOD_LABEL, errorbar, fmt_pct, learned, methods_present, partition_key,
-                                   partition_name, within_spread)
+from scripts.figures.style import (BARS, INTERVAL, METHOD_LABEL, errorbar, fmt_pct, learned, methods_present,
+                                   partition_key, partition_name, within_spread)
 
 
 PEFT_METHOD = "fedavg_lora"       # the PEFT side of the SLoRA paper's gap claim (plain LoRA; SLoRA is its fix)
@@ -37,13 +37,13 @@ def family_heterogeneity(w, runs, ctx):
                 c = c.iloc[0]
                 b = best[p]
                 tie = c["method"] != b["method"] and within_spread(c["mean"], c["std"], b["mean"], b["std"])
-                row[nm] = fmt_pct(c["mean"], c["std"]) + (" †" if tie or c["method"] == b["method"] else "") + \
+                row[nm] = fmt_pct(c["mean"], c["ci"], c["n"]) + (" †" if tie or c["method"] == b["method"] else "") + \
                     ("" if learned(c["mean"], chance) else " (chance)")
                 raw.append(dict(task=task, method=method, partition=p, mean=c["mean"], std=c["std"], n=c["n"],
                                 best_or_within_spread_of_best=bool(tie or c["method"] == b["method"])))
             disp_rows.append(row)
         w.table(f"accuracy_{task}", pd.DataFrame(disp_rows).set_index("method"), pd.DataFrame(raw),
-                f"{task}: final accuracy (%) by label skew (Dirichlet α; IID = no skew), mean ± std over seeds; "
+                f"{task}: final accuracy (%) by label skew (Dirichlet α; IID = no skew), {INTERVAL}; "
                 f"† = best in its column or within the seed spread of the best.")
         gap_rows = []      # SLoRA's motivating claim: the gap of PEFT (LoRA) to full fine-tuning widens with skew
         for p, nm in zip(parts, names):
@@ -67,7 +67,7 @@ def family_heterogeneity(w, runs, ctx):
         fig, ax = plt.subplots(figsize=(5.2, 3.4))
         for method in methods_present(at):
             c = at[at.method == method].set_index("partition").reindex(parts)
-            errorbar(ax, range(len(parts)), 100 * c["mean"], 100 * c["std"], METHOD_LABEL.get(method, method))
+            errorbar(ax, range(len(parts)), 100 * c["mean"], 100 * c["ci"], METHOD_LABEL.get(method, method))
         ax.axhline(100 * chance, color="grey", ls=":", lw=1, label="chance")
         ax.set_xticks(range(len(parts)), names)
         ax.set_xlabel("label skew (Dirichlet α, smaller = more heterogeneous)")
@@ -75,5 +75,5 @@ def family_heterogeneity(w, runs, ctx):
         ax.set_title(f"{task}: accuracy vs heterogeneity")
         ax.legend(ncol=2)
         fig.tight_layout()
-        w.figure(f"accuracy_vs_alpha_{task}", fig, f"{task}: accuracy vs Dirichlet α (error bars: 1 std over seeds).")
+        w.figure(f"accuracy_vs_alpha_{task}", fig, f"{task}: accuracy vs Dirichlet α ({BARS}).")
     return Heterogeneity(cells=a, seeds=df, peft_gap=peft_gap)

@@ -8,7 +8,7 @@ from fedsim.sampling import clients_per_round
 from scripts.figures.families import register
 from scripts.figures.load import MB, agg, curve_frame, federation_frame, num_labels, primary_split
 from scripts.figures.results import MethodsTable
-from scripts.figures.style import fmt_pct, learned, tol
+from scripts.figures.style import INTERVAL, fmt_pct, learned, tol
 
 BASELINE = "fedavg_lora"
 # display names of the family's method labels (configs/methods.yaml), in table order
@@ -62,7 +62,7 @@ def family_methods(w, runs, ctx):
             eps = cell["epsilon_spent"].mean() if cell["epsilon_spent"].notna().any() else None
             f = facts[run]
             rows.append({"method": LABEL.get(label, label),
-                         "accuracy (%)": fmt_pct(c["mean"], c["std"]) + ("" if learned(c["mean"], chance) else " (chance)"),
+                         "accuracy (%)": fmt_pct(c["mean"], c["ci"], c["n"]) + ("" if learned(c["mean"], chance) else " (chance)"),
                          "Δ vs FedAvg-LoRA": "-" if label == BASELINE or delta != delta else
                          f"{100 * delta:+.1f}" + (" *" if beyond else ""),
                          "personalized (%)": "-" if pers != pers else f"{100 * pers:.1f}",
@@ -77,7 +77,7 @@ def family_methods(w, runs, ctx):
                 personal_rows.append(dict(task=task, method=label, client=client, acc=acc))
         disp = pd.DataFrame(rows).set_index("method")
         w.table(f"methods_{task}", disp, pd.DataFrame([r for r in raw_rows if r["task"] == task]),
-                f"{task}: final accuracy on {primary_split(task)} (mean ± std over seeds; (chance) = within 5 points of "
+                f"{task}: final accuracy on {primary_split(task)} ({INTERVAL}; (chance) = within 5 points of "
                 f"chance), the difference to FedAvg-LoRA (* = larger than max(2 points, the larger seed std)), "
                 f"personalized accuracy (each client's own model on the rows held out of its data; FedSA-LoRA: with its "
                 f"own B) and its worst client, upload per client and round, what DP protects and ε spent.")

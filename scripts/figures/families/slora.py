@@ -7,7 +7,7 @@ import pandas as pd
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, load_runs, num_labels, primary_split
 from scripts.figures.results import SLoRASweep
-from scripts.figures.style import METHOD_LABEL, errorbar, fmt_pct, learned, within_spread
+from scripts.figures.style import BARS, INTERVAL, METHOD_LABEL, errorbar, fmt_pct, learned, within_spread
 
 
 def _reference(root, profile, runs, family="heterogeneity", labels_of=None):
@@ -40,7 +40,7 @@ def family_slora(w, runs, ctx):
     fixed = {"density": most_common("stage1_rounds", df["stage1_rounds"].median()),
              "stage1_rounds": most_common("density", 0.01)}
     ref = _reference(ctx.root, ctx.profile, runs)
-    refa = agg(ref, ["method"]) if not ref.empty else pd.DataFrame(columns=["method", "mean", "std", "n"])
+    refa = agg(ref, ["method"]) if not ref.empty else pd.DataFrame(columns=["method", "mean", "std", "n", "ci"])
     refa = refa[refa.method.isin(["fedavg_fft", "fedavg_lora"])]
     task = df["task"].iloc[0]
     chance = 1.0 / num_labels(task)
@@ -53,7 +53,7 @@ def family_slora(w, runs, ctx):
         a = agg(sub, [axis]).sort_values(axis)
         rows, raw = [], []
         for _, c in a.iterrows():
-            row = {axis: f"{c[axis]:g}", "SLoRA accuracy (%)": fmt_pct(c["mean"], c["std"]) +
+            row = {axis: f"{c[axis]:g}", "SLoRA accuracy (%)": fmt_pct(c["mean"], c["ci"], c["n"]) +
                    ("" if learned(c["mean"], chance) else " (chance)")}
             if fft is not None:
                 d = c["mean"] - fft["mean"]
@@ -63,21 +63,23 @@ def family_slora(w, runs, ctx):
             raw.append(dict(axis=axis, value=c[axis], mean=c["mean"], std=c["std"], n=c["n"],
                             fft_mean=None if fft is None else fft["mean"], fft_std=None if fft is None else fft["std"]))
         for _, rr in refa.iterrows():
-            rows.append({axis: f"ref: {METHOD_LABEL[rr['method']]}", "SLoRA accuracy (%)": fmt_pct(rr["mean"], rr["std"]),
+            rows.append({axis: f"ref: {METHOD_LABEL[rr['method']]}",
+                         "SLoRA accuracy (%)": fmt_pct(rr["mean"], rr["ci"], rr["n"]),
                          **({"Δ vs FedAvg-FFT (points)": ""} if fft is not None else {})})
         tables[axis] = a
         w.table(f"{axis}", pd.DataFrame(rows).set_index(axis), pd.DataFrame(raw),
                 f"{task}: SLoRA accuracy vs {axis.replace('_', ' ')} ({other.replace('_', ' ')} {fixed[axis]:g}), "
-                f"mean ± std over seeds; references from the heterogeneity family at the same setting; "
+                f"{INTERVAL}; references from the heterogeneity family at the same setting; "
                 f"≈ = difference within the seed spread.")
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.1))
     for ax, axis, xl in zip(axes, ("density", "stage1_rounds"), ("stage-1 density (fraction of entries)",
                                                                   "stage-1 length (rounds)")):
         a = tables[axis]
-        errorbar(ax, a[axis], 100 * a["mean"], 100 * a["std"], "SLoRA")
+        errorbar(ax, a[axis], 100 * a["mean"], 100 * a["ci"], "SLoRA")
         for _, rr in refa.iterrows():
-            ax.axhspan(100 * (rr["mean"] - rr["std"]), 100 * (rr["mean"] + rr["std"]), alpha=0.15,
-                       color="C1" if rr["method"] == "fedavg_fft" else "C2")
+            if rr["ci"] == rr["ci"]:                 # one seed: no interval to shade
+                ax.axhspan(100 * (rr["mean"] - rr["ci"]), 100 * (rr["mean"] + rr["ci"]), alpha=0.15,
+                           color="C1" if rr["method"] == "fedavg_fft" else "C2")
             ax.axhline(100 * rr["mean"], color="C1" if rr["method"] == "fedavg_fft" else "C2", lw=1,
                        label=METHOD_LABEL[rr["method"]])
         ax.axhline(100 * chance, color="grey", ls=":", lw=1, label="chance")
@@ -88,5 +90,5 @@ def family_slora(w, runs, ctx):
         ax.legend()
     fig.suptitle(f"SLoRA on {task}")
     fig.tight_layout()
-    w.figure("slora_density_stage1", fig, "SLoRA accuracy vs stage-1 density and length; bands = reference ± 1 std.")
+    w.figure("slora_density_stage1", fig, f"SLoRA accuracy vs stage-1 density and length; {BARS}; bands = the references' 95% intervals.")
     return SLoRASweep(density=tables["density"], fft=fft, chance=chance)

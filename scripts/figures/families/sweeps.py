@@ -5,7 +5,7 @@ import pandas as pd
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, num_labels, primary_split
 from scripts.figures.results import AlphaSweep
-from scripts.figures.style import METHOD_LABEL, errorbar, fmt_pct, learned, methods_present
+from scripts.figures.style import BARS, INTERVAL, METHOD_LABEL, errorbar, fmt_pct, learned, methods_present
 
 
 def _accuracy_panels(axes, groups, key, xs, xlabel):
@@ -13,7 +13,7 @@ def _accuracy_panels(axes, groups, key, xs, xlabel):
     for ax, ((task, priv), at) in zip(axes, groups):
         for method in methods_present(at):
             c = at[at.method == method].set_index(key).reindex(xs)
-            errorbar(ax, xs, 100 * c["mean"], 100 * c["std"], METHOD_LABEL.get(method, method))
+            errorbar(ax, xs, 100 * c["mean"], 100 * c["ci"], METHOD_LABEL.get(method, method))
         ax.axhline(100 / num_labels(task), color="grey", ls=":", lw=1, label="chance")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
@@ -35,7 +35,7 @@ def family_alpha(w, runs, ctx):
             c = at[at.method == method].set_index("lora.alpha").reindex(alphas)
             row = {"task": task, "privacy": priv, "method": METHOD_LABEL.get(method, method)}
             for al in alphas:
-                row[f"α={al:g}"] = fmt_pct(c.loc[al, "mean"], c.loc[al, "std"])
+                row[f"α={al:g}"] = fmt_pct(c.loc[al, "mean"], c.loc[al, "ci"], c.loc[al, "n"])
                 raw.append(dict(task=task, privacy=priv, method=method, lora_alpha=al, mean=c.loc[al, "mean"],
                                 std=c.loc[al, "std"], n=c.loc[al, "n"]))
             rng = c["mean"].max() - c["mean"].min()
@@ -45,12 +45,12 @@ def family_alpha(w, runs, ctx):
                                cells=len(alphas)))
             disp_rows.append(row)
     w.table("accuracy", pd.DataFrame(disp_rows).set_index(["task", "privacy", "method"]), pd.DataFrame(raw),
-            "Final accuracy (%) vs LoRA scaling α (scale α/r), mean ± std over seeds; range = max − min of the means.")
+            f"Final accuracy (%) vs LoRA scaling α (scale α/r), {INTERVAL}; range = max − min of the means.")
     groups = list(a.groupby(["task", "privacy"], sort=True))
     fig, axes = plt.subplots(1, len(groups), figsize=(3.8 * len(groups), 3.1), squeeze=False)
     _accuracy_panels(axes[0], groups, "lora.alpha", alphas, "LoRA α (scale = α / r)")
     fig.tight_layout()
-    w.figure("accuracy_vs_lora_alpha", fig, "Accuracy vs LoRA α, with and without DP (error bars: 1 std over seeds).")
+    w.figure("accuracy_vs_lora_alpha", fig, f"Accuracy vs LoRA α, with and without DP ({BARS}).")
     return AlphaSweep(ranges=pd.DataFrame(ranges))
 
 
@@ -71,14 +71,14 @@ def family_rank(w, runs, ctx):
             row = {"task": task, "privacy": priv, "method": METHOD_LABEL.get(method, method)}
             for r_ in ranks:
                 c = at[(at.method == method) & (at["rank"] == r_)]
-                row[f"r={r_}"] = fmt_pct(c["mean"].iloc[0], c["std"].iloc[0]) if len(c) else "-"
+                row[f"r={r_}"] = fmt_pct(c["mean"].iloc[0], c["ci"].iloc[0], c["n"].iloc[0]) if len(c) else "-"
                 if len(c):
                     up = mb[(mb.task == task) & (mb.privacy == priv) & (mb.method == method) & (mb["rank"] == r_)]
                     raw.append(dict(task=task, privacy=priv, method=method, rank=r_, mean=c["mean"].iloc[0],
                                     std=c["std"].iloc[0], n=c["n"].iloc[0], up_MB_per_round=up["mean"].iloc[0]))
             disp_rows.append(row)
     w.table("accuracy", pd.DataFrame(disp_rows).set_index(["task", "privacy", "method"]), pd.DataFrame(raw),
-            "Final accuracy (%) vs LoRA rank r, mean ± std over seeds (upload MB per round in the CSV).")
+            f"Final accuracy (%) vs LoRA rank r, {INTERVAL} (upload MB per round in the CSV).")
     groups = list(a.groupby(["task", "privacy"], sort=True))
     fig, axes = plt.subplots(1, len(groups) + 1, figsize=(3.8 * (len(groups) + 1), 3.1), squeeze=False)
     _accuracy_panels(axes[0], groups, "rank", ranks, "LoRA rank r")
@@ -93,4 +93,4 @@ def family_rank(w, runs, ctx):
     ax.set_title("communication per round")
     ax.legend()
     fig.tight_layout()
-    w.figure("accuracy_vs_rank", fig, "Accuracy and upload per round vs LoRA rank (error bars: 1 std over seeds).")
+    w.figure("accuracy_vs_rank", fig, f"Accuracy and upload per round vs LoRA rank ({BARS}).")
