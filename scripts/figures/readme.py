@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
 
 from scripts.figures.style import COMPARABLE_TOL
@@ -171,10 +172,13 @@ def tuning_table(w, runs, root):
             continue
         record = json.loads(path.read_text())
         keys = list(record["grid"])
+        configured = record.get("grid_configured", record["grid"])
         for row in record["table"]:
             point = {k: row[k] for k in keys}
             acc = row["dev_accuracy"]
+            added = any(v not in configured.get(k, [v]) for k, v in point.items())     # an extension's point
             rows.append({"run": ", ".join(names), **{k: f"{v:g}" for k, v in point.items()},
+                         "point": "extension" if added else "grid",
                          "dev accuracy (%)": "-" if acc is None else f"{100 * acc:.1f}"
                          + (" ← chosen" if point == record["chosen"] else "")
                          + (" (edge of the grid: the best may lie beyond)" if point == record["chosen"] and any(
@@ -182,8 +186,46 @@ def tuning_table(w, runs, root):
                              for k, v in point.items()) else ""),
                          "tuning seeds": ",".join(map(str, record["seeds"]))})
             raw.append({"run": ", ".join(names), **point, "dev_accuracy": acc, "chosen": point == record["chosen"],
+                        "extension": added, "limit_reached": bool(record.get("limit_reached")),
                         "seeds": record["seeds"], "dev_fraction": record["dev_fraction"]})
     if rows:
         w.table("tuning", pd.DataFrame(rows).set_index("run"), pd.DataFrame(raw),
                 "Tuning: each grid point's mean final accuracy on the dev split (training rows held out from every "
-                "client), run as federations of one pass; the runs named use the chosen point on all their rows.")
+                "client), run as federations of one pass; `extension` = a point added beyond an edge choice "
+                "(tune.extend); the runs named use the chosen point on all their rows.")
+        tuning_figure(w, pd.DataFrame(raw))
+
+
+def tuning_figure(w, raw):
+    """Every tuning pass's curve, one small panel each: dev accuracy against the (single, numeric) tuned key on
+    a log axis, the grid's points filled, extensions hollow, the choice starred."""
+    keys = [k for k in raw.columns if k not in ("run", "dev_accuracy", "chosen", "extension", "limit_reached",
+                                                "seeds", "dev_fraction")]
+    if len(keys) != 1 or not pd.api.types.is_numeric_dtype(raw[keys[0]]):
+        return                                   # several keys or a categorical one: the table says it all
+    key, groups = keys[0], list(raw.groupby("run", sort=True))
+    cols = min(4, len(groups))
+    nrows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.9 * cols, 2.3 * nrows), squeeze=False, sharey=True)
+    for ax, (run, g) in zip(axes.flat, groups):
+        g = g.sort_values(key)
+        acc = 100 * g["dev_accuracy"].astype(float)
+        ax.plot(g[key], acc, color="C0", lw=1)
+        grid, ext = ~g["extension"].astype(bool), g["extension"].astype(bool)
+        ax.plot(g[key][grid], acc[grid], "o", color="C0", ms=4, label="grid")
+        ax.plot(g[key][ext], acc[ext], "o", mfc="white", color="C0", ms=5, label="extension")
+        best = g["chosen"].astype(bool)
+        ax.plot(g[key][best], acc[best], "*", color="C3", ms=11, label="chosen")
+        ax.set_xscale("log")
+        ax.set_xticks(list(g[key]), [f"{v:g}" for v in g[key]], fontsize=6)     # the values run, nothing else
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_title(run if len(run) <= 34 else run[:32] + "…", fontsize=7)
+        ax.set_xlabel(key, fontsize=7)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("dev accuracy (%)")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    w.figure("tuning", fig, f"Tuning curves: dev accuracy against {key} for every tuned run (one tuning seed "
+             f"unless the table says otherwise); hollow = a point added beyond an edge choice, star = the choice.")
