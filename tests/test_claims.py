@@ -243,3 +243,23 @@ def test_gap_largest_on_mnli_compares_the_task_intervals(tmp_path, sst2_gap, ver
     r = _find(claims(res).rows("quick", configs=_write_configs(tmp_path)), "d", "non-private")
     assert r.verdict.startswith(verdict)
     assert "mnli +10.0" in r.ours
+
+
+def _ranges(rng, std=0.01, seeds=2, learned=3):
+    return dict(range=rng, mean_std=std, cells=3, min_seeds=seeds, learned_cells=learned)
+
+
+@pytest.mark.parametrize("ffa,fedavg,verdict", [
+    (_ranges(0.01), _ranges(0.20), "reproduced"),
+    # both collapse at one α: FFA-LoRA moves with α too, whatever FedAvg-LoRA does (a smaller range is no claim)
+    (_ranges(0.287), _ranges(0.306), "refuted (FFA-LoRA's accuracy moves with α)"),
+    (_ranges(0.01), _ranges(0.015), "inconclusive (neither method moves with α over this grid)"),
+    (_ranges(0.01, seeds=1), _ranges(0.20, seeds=1), "underpowered"),
+    (_ranges(0.01, learned=1), _ranges(0.20), "inconclusive (a method above chance at no more than half"),
+])
+def test_alpha_rule_reads_ffa_insensitivity_on_its_own_range(ffa, fedavg, verdict):
+    """(f) is about FFA-LoRA: it is reproduced only when FFA-LoRA's range over α is within the tolerance
+    (2 points or the seed std) while FedAvg-LoRA's is not; FFA-LoRA losing 29 points at one α is a refutation
+    even if FedAvg-LoRA loses 31."""
+    from scripts.figures.claims import _range_rule
+    assert _range_rule(ffa, fedavg)[1].startswith(verdict)

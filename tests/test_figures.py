@@ -75,3 +75,16 @@ def test_tables_and_error_bars_show_the_95_percent_t_interval():
     assert np.isnan(a.loc["b", "ci"])
     assert fmt_pct(a.loc["a", "mean"], a.loc["a", "ci"], a.loc["a", "n"]) == "72.0 ± 5.0"
     assert fmt_pct(a.loc["b", "mean"], a.loc["b", "ci"], a.loc["b", "n"]) == "60.0 (1 seed)"
+
+
+def test_profile_minutes_sum_the_families_timing(tmp_path):
+    """The README's profile total is the sum of the families' measured timing.json wall_s, never typed."""
+    import json
+
+    from scripts.figures.readme import profile_minutes
+    for fam, secs in (("ffa_table", 1762.96), ("alpha", 331.86)):
+        (tmp_path / fam / "quick").mkdir(parents=True)
+        (tmp_path / fam / "quick" / "timing.json").write_text(json.dumps({"wall_s": secs}))
+    line = profile_minutes(tmp_path, "quick")[0]
+    assert line.startswith("**Measured wall time of the quick profile: 34.9 min in all** (ffa_table 29.4, alpha 5.5")
+    assert profile_minutes(tmp_path, "standard") == []

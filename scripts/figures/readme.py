@@ -104,13 +104,32 @@ def claims_section(claim_rows, profile, root=None):
               f"paired interval lies above −{100 * COMPARABLE_TOL:.0f} points; upload: no round after the "
               "initiating stage uploads more than the one before it. (f), (i), (j): \"comparable\" = accuracy "
               f"not below the reference by more than max({100 * COMPARABLE_TOL:.0f} points, the larger seed std); "
-              "(f) "
-              "compares ranges over α with the mean seed std. **inconclusive** names its reason (e.g. an arm at "
+              "(f): a method is insensitive when its accuracy range over α is within max(2 points, the mean seed "
+              "std); reproduced iff FFA-LoRA is and FedAvg-LoRA is not, refuted iff FFA-LoRA is not. An unpaired "
+              "rule with one seed per arm has no spread to judge by and says **underpowered**. **inconclusive** "
+              "names its reason (e.g. an arm at "
               "chance: a comparison of models that did not learn says nothing); **not run** names the command. "
               "Learning rates (and, under DP, clip norms) where a run says `tuned` were chosen on a dev split "
               "held out from the training rows, never on the reported split; tuning a private run on the "
               "clients' data spends privacy that the reported ε does not count, as in most DP papers.", ""]
     return lines
+
+
+def profile_minutes(root, profile):
+    """['Measured wall time of the profile: N min in all (family M, ...) ...', ''] from each family's
+    timing.json (what scripts.reproduce measured: runs, tuning passes, setup and tokenization), or []."""
+    per = {}
+    for path in sorted(Path(root).glob(f"*/{profile}/timing.json")):
+        try:
+            per[path.parent.parent.name] = float(json.loads(path.read_text())["wall_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if not per:
+        return []
+    parts = ", ".join(f"{fam} {secs / 60:.1f}" for fam, secs in sorted(per.items(), key=lambda kv: -kv[1]))
+    return [f"**Measured wall time of the {profile} profile: {sum(per.values()) / 60:.1f} min in all** ({parts} "
+            f"min; every run and tuning pass with its setup and tokenization, on the machine each family's "
+            f"`Produced on` line names; from `<family>/{profile}/timing.json`).", ""]
 
 
 def write_readme(root, profile, sections, claim_rows, heatmaps, notes_by_family):
@@ -120,6 +139,7 @@ def write_readme(root, profile, sections, claim_rows, heatmaps, notes_by_family)
              f"profile **{profile}** under `{profile}` subdirectories; rebuild with `make figures` (no training). "
              f"It opens with each seed-paper claim beside our number and verdict (a claim whose runs this profile "
              f"lacks says so, with the command that runs them), then each family's tables and figures.", "",
+             *profile_minutes(root, profile),
              "Accuracy is the global model's final accuracy on the task's evaluation split (MNLI: "
              "validation_matched, SST-2/RTE: validation, 20 Newsgroups: test). Tables and figures give the "
              "mean over seeds with the half-width of its 95% t-interval (each seed is an independent federation "

@@ -116,6 +116,11 @@ def errorbar(ax, x, mean, half, label, **kw):
                 label=label, **kw)
 
 
+def method_color(method):
+    """One colour per method in every figure (its place in METHOD_ORDER; grey for any other)."""
+    return f"C{METHOD_ORDER.index(method)}" if method in METHOD_ORDER else "C7"
+
+
 def methods_present(df):
     present = list(dict.fromkeys(df["method"])) if len(df) else []
     return [m for m in METHOD_ORDER if m in present] + sorted(m for m in present if m not in METHOD_ORDER)

@@ -5,8 +5,8 @@ import pandas as pd
 from scripts.figures.load import agg, ci_half, curve_frame, federation_frame, load_runs, num_labels, primary_split
 from scripts.figures.papers import MARKS
 from scripts.figures.results import Communication
-from scripts.figures.style import (METHOD_LABEL, METHOD_ORDER, fmt_pct, learned, methods_present, partition_key,
-                                   partition_name, tol)
+from scripts.figures.style import (METHOD_LABEL, fmt_pct, learned, method_color, methods_present,
+                                   partition_key, partition_name, tol)
 
 
 def bytes_to_target(curves, target):
@@ -44,17 +44,16 @@ def reduction_figure(w, raw):
         d = raw[(raw.task == task) & (raw.partition == part)]
         methods = methods_present(d)
         vals = [100 * d[d.method == m]["reduction_total"].iloc[0] for m in methods]
-        ax.bar(range(len(methods)), vals, color=[f"C{METHOD_ORDER.index(m) if m in METHOD_ORDER else 9}"
-                                                 for m in methods])
+        ax.bar(range(len(methods)), vals, color=[method_color(m) for m in methods])
         for x, v in enumerate(vals):
             ax.annotate(f"{v:.1f}%", (x, v), ha="center", va="bottom", fontsize=7)
-        ax.axhline(100 * value, color="black", ls="--", lw=0.9, label=label)
+        ax.axhline(100 * value, color="black", ls="--", lw=0.9, label=label if ax is axes[0][0] else None)
         ax.set_xticks(range(len(methods)), [METHOD_LABEL.get(m, m) for m in methods], rotation=30, ha="right")
-        ax.set_ylim(0, 105)
+        ax.set_ylim(0, 112)
         ax.set_title(f"{task}" + (f", {partition_name(part)}" if part else ""))
-    axes[0][0].set_ylabel("upload reduction vs FedAvg-FFT (%)")
-    axes[0][0].legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
+    axes[0][0].set_ylabel("upload cut vs FedAvg-FFT (%)")
+    fig.legend(loc="lower center", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     w.figure("upload_reduction", fig, "Total upload over the run as a reduction against FedAvg-FFT's (mean over "
              "seeds), per task and partition; dashed: the SA-FedLoRA paper's headline number, reached with its own "
              "schedule (the reduction depends on how many rounds send the full model).")
@@ -100,12 +99,15 @@ def family_communication(w, runs, ctx, prof):
                 rows_all.append({"task": task, "partition": pname, "method": METHOD_LABEL.get(method, method),
                                  "final acc (%)": fmt_pct(c["mean"], c["ci"], c["n"])
                                  + ("" if learned(c["mean"], 1.0 / num_labels(task)) else " (chance)"),
-                                 "Δ acc vs FFT": "-" if dacc != dacc else f"{100 * dacc:+.1f}" + ("" if comparable else " ✗"),
+                                 "Δ acc vs FFT": "-" if dacc != dacc
+                                 else f"{100 * dacc:+.1f}" + ("" if comparable else " ✗"),
                                  "upload total (MB)": f"{total:.3g}",
-                                 f"MB to {100 * target:.1f}%": f"{mb_t:.3g}" if mb_t == mb_t else f"not reached ({reached}/{len(b)})",
+                                 f"MB to {100 * target:.1f}%": f"{mb_t:.3g}" if mb_t == mb_t
+                                 else f"not reached ({reached}/{len(b)})",
                                  "reduction vs FFT (to target)": f"{100 * red_t:.2f}%" if red_t == red_t
                                  else fft_missed if method != "fedavg_fft" else "-",
-                                 "reduction vs FFT (total)": "-" if red_total != red_total else f"{100 * red_total:.2f}%"})
+                                 "reduction vs FFT (total)": "-" if red_total != red_total
+                                 else f"{100 * red_total:.2f}%"})
                 raw_all.append(dict(task=task, partition=part, method=method, acc_mean=c["mean"], acc_std=c["std"],
                                     n=c["n"], delta_acc_vs_fft=dacc, comparable=comparable, upload_total_MB=total,
                                     fft_learned=fftc is not None and learned(fftc["mean"], 1.0 / num_labels(task)),
@@ -118,9 +120,9 @@ def family_communication(w, runs, ctx, prof):
                                                                   mb=("cum_up_MB", "mean")).reset_index()
                 half = pd.Series([ci_half(s, n) for s, n in zip(cm["sd"].fillna(0.0), cm["n"])]).fillna(0.0)
                 ax.plot(cm["mb"], 100 * cm["acc"], marker="osD^v"[i % 5], ms=3, ls=["-", "--", "-.", ":"][i % 4],
-                        color=f"C{i}", label=METHOD_LABEL.get(method, method))
-                ax.fill_between(cm["mb"], 100 * (cm["acc"] - half), 100 * (cm["acc"] + half), color=f"C{i}",
-                                alpha=0.15)
+                        color=method_color(method), label=METHOD_LABEL.get(method, method))
+                ax.fill_between(cm["mb"], 100 * (cm["acc"] - half), 100 * (cm["acc"] + half),
+                                color=method_color(method), alpha=0.15)
             ax.axhline(100 * target, color="black", ls="--", lw=0.8, label=f"target {100 * target:.1f}%")
             ax.axhline(100 / num_labels(task), color="grey", ls=":", lw=1, label="chance")
             ax.set_xscale("log")

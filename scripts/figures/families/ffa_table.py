@@ -5,8 +5,8 @@ import pandas as pd
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, num_labels, primary_split
 from scripts.figures.results import FFATable
-from scripts.figures.style import (BARS, INTERVAL, METHOD_LABEL, errorbar, fmt_pct, learned, methods_present,
-                                   privacy_order, within_spread)
+from scripts.figures.style import (BARS, INTERVAL, METHOD_LABEL, errorbar, fmt_pct, learned, method_color,
+                                   methods_present, privacy_order, within_spread)
 
 
 @register("ffa_table")
@@ -58,7 +58,8 @@ def family_ffa_table(w, runs, ctx):
     for ax, task in zip(axes[0], tasks):
         for method in methods_present(a[a.task == task]):
             c = a[(a.task == task) & (a.method == method)].set_index("privacy").reindex(levels)
-            errorbar(ax, range(len(levels)), 100 * c["mean"], 100 * c["ci"], METHOD_LABEL.get(method, method))
+            errorbar(ax, range(len(levels)), 100 * c["mean"], 100 * c["ci"], METHOD_LABEL.get(method, method),
+                     color=method_color(method))
         ax.axhline(100 / num_labels(task), color="grey", ls=":", lw=1, label="chance")
         ax.set_xticks(range(len(levels)), levels)
         ax.set_xlabel("privacy level (δ=1e-5)")

@@ -5,8 +5,8 @@ import pandas as pd
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, num_labels, primary_split
 from scripts.figures.results import Heterogeneity
-from scripts.figures.style import (BARS, INTERVAL, METHOD_LABEL, errorbar, fmt_pct, learned, methods_present,
-                                   partition_key, partition_name, within_spread)
+from scripts.figures.style import (BARS, INTERVAL, METHOD_LABEL, errorbar, fmt_pct, learned, method_color,
+                                   methods_present, partition_key, partition_name, within_spread)
 
 
 PEFT_METHOD = "fedavg_lora"       # the PEFT side of the SLoRA paper's gap claim (plain LoRA; SLoRA is its fix)
@@ -53,6 +53,7 @@ def family_heterogeneity(w, runs, ctx):
                 continue
             f, s = f.iloc[0], s.iloc[0]
             gap_rows.append(dict(partition=nm, key=p, gap=f["mean"] - s["mean"], spread=max(f["std"], s["std"]),
+                                 seeds=int(min(f["n"], s["n"])),
                                  within_spread=within_spread(f["mean"], f["std"], s["mean"], s["std"]),
                                  fft_learned=learned(f["mean"], chance)))
         if gap_rows:
@@ -60,14 +61,16 @@ def family_heterogeneity(w, runs, ctx):
             disp = pd.DataFrame({"partition": g["partition"],
                                  "FFT − LoRA (points)": [f"{100 * x:+.1f}" + (" ≈" if fl else "")
                                                           for x, fl in zip(g["gap"], g["within_spread"])],
-                                 "seed spread": [f"{100 * x:.1f}" for x in g["spread"]]}).set_index("partition")
+                                 "seed spread": [f"{100 * x:.1f}" if k > 1 else "- (1 seed)"
+                                                 for x, k in zip(g["spread"], g["seeds"])]}).set_index("partition")
             w.table(f"peft_gap_{task}", disp, g.drop(columns="key"),
                     f"{task}: accuracy gap FedAvg-FFT minus FedAvg-LoRA by label skew; ≈ = within the seed spread.")
             peft_gap[task] = g
         fig, ax = plt.subplots(figsize=(5.2, 3.4))
         for method in methods_present(at):
             c = at[at.method == method].set_index("partition").reindex(parts)
-            errorbar(ax, range(len(parts)), 100 * c["mean"], 100 * c["ci"], METHOD_LABEL.get(method, method))
+            errorbar(ax, range(len(parts)), 100 * c["mean"], 100 * c["ci"], METHOD_LABEL.get(method, method),
+                     color=method_color(method))
         ax.axhline(100 * chance, color="grey", ls=":", lw=1, label="chance")
         ax.set_xticks(range(len(parts)), names)
         ax.set_xlabel("label skew (Dirichlet α, smaller = more heterogeneous)")

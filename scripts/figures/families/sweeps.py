@@ -5,7 +5,8 @@ import pandas as pd
 from scripts.figures.families import register
 from scripts.figures.load import agg, federation_frame, num_labels, primary_split
 from scripts.figures.results import AlphaSweep
-from scripts.figures.style import BARS, INTERVAL, METHOD_LABEL, errorbar, fmt_pct, learned, methods_present
+from scripts.figures.style import (BARS, INTERVAL, METHOD_LABEL, errorbar, fmt_pct, learned, method_color,
+                                   methods_present)
 
 
 def _accuracy_panels(axes, groups, key, xs, xlabel):
@@ -13,7 +14,8 @@ def _accuracy_panels(axes, groups, key, xs, xlabel):
     for ax, ((task, priv), at) in zip(axes, groups):
         for method in methods_present(at):
             c = at[at.method == method].set_index(key).reindex(xs)
-            errorbar(ax, xs, 100 * c["mean"], 100 * c["ci"], METHOD_LABEL.get(method, method))
+            errorbar(ax, xs, 100 * c["mean"], 100 * c["ci"], METHOD_LABEL.get(method, method),
+                     color=method_color(method))
         ax.axhline(100 / num_labels(task), color="grey", ls=":", lw=1, label="chance")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
@@ -42,7 +44,7 @@ def family_alpha(w, runs, ctx):
             row["range (max−min)"] = f"{100 * rng:.1f}"
             ranges.append(dict(task=task, privacy=priv, method=method, range=rng, mean_std=c["std"].mean(),
                                learned_cells=int(sum(learned(m, 1.0 / num_labels(task)) for m in c["mean"])),
-                               cells=len(alphas)))
+                               cells=len(alphas), min_seeds=int(c["n"].min())))
             disp_rows.append(row)
     w.table("accuracy", pd.DataFrame(disp_rows).set_index(["task", "privacy", "method"]), pd.DataFrame(raw),
             f"Final accuracy (%) vs LoRA scaling α (scale α/r), {INTERVAL}; range = max − min of the means.")
