@@ -88,3 +88,13 @@ def test_profile_minutes_sum_the_families_timing(tmp_path):
     line = profile_minutes(tmp_path, "quick")[0]
     assert line.startswith("**Measured wall time of the quick profile: 34.9 min in all** (ffa_table 29.4, alpha 5.5")
     assert profile_minutes(tmp_path, "standard") == []
+
+
+def test_table_csv_names_its_runs_commits_and_per_seed_values():
+    """Every aggregated cell's csv row says where it came from: per-seed values, run directories, commits."""
+    from scripts.figures.load import agg, sources
+    df = pd.DataFrame(dict(method=["a", "a", "b"], acc=[0.74, 0.70, 0.6], seed=[1, 0, 0],
+                           run=["r-a", "r-a", "r-b"], commit=["abc", "abc", "def"]))
+    a = agg(df, ["method"]).set_index("method")
+    assert sources(a.loc["a"]) == dict(ci=a.loc["a", "ci"], per_seed="0:0.7;1:0.74", runs="r-a", commits="abc")
+    assert a.loc["b", "commits"] == "def"

@@ -108,7 +108,8 @@ def federation_frame(runs, privacy=False):
         task = cfg["task"]
         for f in finished_federations(s):
             row = dict(run=r["name"], task=task, method=method_key(cfg["method"]), seed=f["seed"],
-                       variant=variant_str(f.get("variant")), **_labels(r))
+                       variant=variant_str(f.get("variant")), commit=str((r["env"] or {}).get("git_commit"))[:12],
+                       **_labels(r))
             for k, v in (f.get("variant") or {}).items():
                 row[k] = epsilon_value(v) if k == "dp.epsilon" else v
             row["acc"] = f["final"].get(primary_split(task), float("nan"))
@@ -162,7 +163,19 @@ def agg(df, by, col="acc"):
     out = g.agg(["mean", "std", "count"]).rename(columns={"count": "n"}).reset_index()
     out["std"] = out["std"].fillna(0.0)
     out["ci"] = [ci_half(s, n) for s, n in zip(out["std"], out["n"])]
+    if {"run", "seed", "commit"} <= set(df.columns):      # where each number came from, for the csv
+        src = df.groupby(by, sort=False, dropna=False).apply(lambda d: pd.Series({
+            "per_seed": ";".join(f"{int(s)}:{v:.6g}" for s, v in sorted(zip(d["seed"], d[col]))),
+            "runs": ";".join(sorted(set(d["run"]))), "commits": ";".join(sorted(set(d["commit"])))}),
+            include_groups=False).reset_index()
+        out = out.merge(src, on=by, how="left")
     return out
+
+
+def sources(c):
+    """The csv fields that say where an aggregated cell came from: its 95% half-width, per-seed values
+    ("seed:value;..."), run directories and commits (present when the frame had run, seed and commit)."""
+    return {k: c[k] for k in ("ci", "per_seed", "runs", "commits") if k in c}
 
 
 def setting_line(runs):

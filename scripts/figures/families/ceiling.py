@@ -3,7 +3,7 @@ beside the federated runs of the same task and recipe (the FFA table's cells, re
 import pandas as pd
 
 from scripts.figures.families import register
-from scripts.figures.load import agg, federation_frame, num_labels, primary_split
+from scripts.figures.load import agg, federation_frame, num_labels, primary_split, sources
 from scripts.figures.style import INTERVAL, METHOD_LABEL, fmt_pct, learned
 
 
@@ -30,7 +30,7 @@ def family_ceiling(w, runs, ctx):
                      f"accuracy on {primary_split(task)} (%)": fmt_pct(a["mean"], a["ci"], a["n"])
                      + ("" if learned(a["mean"], chance) else " (chance)"), "seeds": int(a["n"])})
         raw.append(dict(task=task, setting="centralized", method=method, samples=samples, mean=a["mean"],
-                        std=a["std"], n=int(a["n"])))
+                        std=a["std"], n=int(a["n"]), **sources(a)))
         cells = fed.seeds if fed is not None and fed.seeds is not None else pd.DataFrame()
         if len(cells):
             f = cells[(cells.task == task) & (cells.method == method) & (cells.privacy == "non-private")]
@@ -41,7 +41,7 @@ def family_ceiling(w, runs, ctx):
                              f"accuracy on {primary_split(task)} (%)": fmt_pct(b["mean"], b["ci"], b["n"]),
                              "seeds": int(b["n"])})
                 raw.append(dict(task=task, setting="federated", method=method, samples=samples, mean=b["mean"],
-                                std=b["std"], n=int(b["n"])))
+                                std=b["std"], n=int(b["n"]), **sources(b)))
     w.table("ceiling", pd.DataFrame(rows).set_index("task"), pd.DataFrame(raw),
             "Centralized ceiling: one client on all training rows for the same number of samples as the federated "
             f"run (rounds x local steps x batch x clients per round), {INTERVAL}.")

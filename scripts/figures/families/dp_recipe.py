@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 
 from scripts.figures.families import register
-from scripts.figures.load import agg, federation_frame, num_labels, per_seed
+from scripts.figures.load import agg, federation_frame, num_labels, per_seed, sources
 from scripts.figures.style import INTERVAL, METHOD_LABEL, fmt_pct, learned, methods_present
 from scripts.verdicts import paired_verdict
 
@@ -39,7 +39,8 @@ def family_dp_recipe(w, runs, ctx):
                     continue
                 c = c.iloc[0]
                 row[rec] = fmt_pct(c["mean"], c["ci"], c["n"]) + ("" if learned(c["mean"], chance) else " (chance)")
-                raw.append(dict(task=task, method=method, recipe=rec, mean=c["mean"], std=c["std"], n=c["n"]))
+                raw.append(dict(task=task, method=method, recipe=rec, mean=c["mean"], std=c["std"], n=c["n"],
+                                **sources(c)))
             rows.append(row)
         for rec in recipes:
             seeds = [per_seed(both, task=task, method=m, recipe=rec) for m in ("ffa_lora", "fedavg_lora")]

@@ -3,7 +3,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from scripts.figures.families import register
-from scripts.figures.load import agg, federation_frame, num_labels, primary_split
+from scripts.figures.load import agg, federation_frame, num_labels, primary_split, sources
 from scripts.figures.results import FFATable
 from scripts.figures.style import (BARS, INTERVAL, METHOD_LABEL, errorbar, fmt_pct, learned, method_color,
                                    methods_present, privacy_order, within_spread)
@@ -29,7 +29,8 @@ def family_ffa_table(w, runs, ctx):
                 c = c.iloc[0]
                 mark = "" if learned(c["mean"], c["chance"]) else " (chance)"
                 row[lev] = fmt_pct(c["mean"], c["ci"], c["n"]) + mark
-                raw.append(dict(task=task, method=method, privacy=lev, mean=c["mean"], std=c["std"], n=c["n"]))
+                raw.append(dict(task=task, method=method, privacy=lev, mean=c["mean"], std=c["std"], n=c["n"],
+                                **sources(c)))
             disp_rows.append(row)
     disp = pd.DataFrame(disp_rows).set_index(["task", "method"])
     w.table("accuracy", disp, pd.DataFrame(raw),

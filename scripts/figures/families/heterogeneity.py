@@ -3,7 +3,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from scripts.figures.families import register
-from scripts.figures.load import agg, federation_frame, num_labels, primary_split
+from scripts.figures.load import agg, federation_frame, num_labels, primary_split, sources
 from scripts.figures.results import Heterogeneity
 from scripts.figures.style import (BARS, INTERVAL, METHOD_LABEL, errorbar, fmt_pct, learned, method_color,
                                    methods_present, partition_key, partition_name, within_spread)
@@ -40,7 +40,7 @@ def family_heterogeneity(w, runs, ctx):
                 row[nm] = fmt_pct(c["mean"], c["ci"], c["n"]) + (" †" if tie or c["method"] == b["method"] else "") + \
                     ("" if learned(c["mean"], chance) else " (chance)")
                 raw.append(dict(task=task, method=method, partition=p, mean=c["mean"], std=c["std"], n=c["n"],
-                                best_or_within_spread_of_best=bool(tie or c["method"] == b["method"])))
+                                best_or_within_spread_of_best=bool(tie or c["method"] == b["method"]), **sources(c)))
             disp_rows.append(row)
         w.table(f"accuracy_{task}", pd.DataFrame(disp_rows).set_index("method"), pd.DataFrame(raw),
                 f"{task}: final accuracy (%) by label skew (Dirichlet α; IID = no skew), {INTERVAL}; "

@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from scripts.figures.families import register
-from scripts.figures.load import agg, federation_frame, load_runs, num_labels, primary_split
+from scripts.figures.load import agg, federation_frame, load_runs, num_labels, primary_split, sources
 from scripts.figures.results import SLoRASweep
 from scripts.figures.style import BARS, INTERVAL, METHOD_LABEL, errorbar, fmt_pct, learned, within_spread
 
@@ -61,7 +61,8 @@ def family_slora(w, runs, ctx):
                     " ≈" if within_spread(c["mean"], c["std"], fft["mean"], fft["std"]) else "")
             rows.append(row)
             raw.append(dict(axis=axis, value=c[axis], mean=c["mean"], std=c["std"], n=c["n"],
-                            fft_mean=None if fft is None else fft["mean"], fft_std=None if fft is None else fft["std"]))
+                            fft_mean=None if fft is None else fft["mean"], fft_std=None if fft is None else fft["std"],
+                            **sources(c)))
         for _, rr in refa.iterrows():
             rows.append({axis: f"ref: {METHOD_LABEL[rr['method']]}",
                          "SLoRA accuracy (%)": fmt_pct(rr["mean"], rr["ci"], rr["n"]),
@@ -90,5 +91,6 @@ def family_slora(w, runs, ctx):
         ax.legend()
     fig.suptitle(f"SLoRA on {task}")
     fig.tight_layout()
-    w.figure("slora_density_stage1", fig, f"SLoRA accuracy vs stage-1 density and length; {BARS}; bands = the references' 95% intervals.")
+    w.figure("slora_density_stage1", fig, f"SLoRA accuracy vs stage-1 density and length; {BARS}; bands = the "
+             f"references' 95% intervals.")
     return SLoRASweep(density=tables["density"], fft=fft, chance=chance)

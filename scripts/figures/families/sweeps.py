@@ -3,7 +3,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from scripts.figures.families import register
-from scripts.figures.load import agg, federation_frame, num_labels, primary_split
+from scripts.figures.load import agg, federation_frame, num_labels, primary_split, sources
 from scripts.figures.results import AlphaSweep
 from scripts.figures.style import (BARS, INTERVAL, METHOD_LABEL, errorbar, fmt_pct, learned, method_color,
                                    methods_present)
@@ -39,7 +39,7 @@ def family_alpha(w, runs, ctx):
             for al in alphas:
                 row[f"α={al:g}"] = fmt_pct(c.loc[al, "mean"], c.loc[al, "ci"], c.loc[al, "n"])
                 raw.append(dict(task=task, privacy=priv, method=method, lora_alpha=al, mean=c.loc[al, "mean"],
-                                std=c.loc[al, "std"], n=c.loc[al, "n"]))
+                                std=c.loc[al, "std"], n=c.loc[al, "n"], **sources(c.loc[al])))
             rng = c["mean"].max() - c["mean"].min()
             row["range (max−min)"] = f"{100 * rng:.1f}"
             ranges.append(dict(task=task, privacy=priv, method=method, range=rng, mean_std=c["std"].mean(),
