@@ -108,7 +108,8 @@ def federation_frame(runs, privacy=False):
         task = cfg["task"]
         for f in finished_federations(s):
             row = dict(run=r["name"], task=task, method=method_key(cfg["method"]), seed=f["seed"],
-                       variant=variant_str(f.get("variant")), commit=str((r["env"] or {}).get("git_commit"))[:12],
+                       variant=variant_str(f.get("variant")),
+                       commit=str((r.get("env") or {}).get("git_commit"))[:12],
                        **_labels(r))
             for k, v in (f.get("variant") or {}).items():
                 row[k] = epsilon_value(v) if k == "dp.epsilon" else v
@@ -166,7 +167,8 @@ def agg(df, by, col="acc"):
     if {"run", "seed", "commit"} <= set(df.columns):      # where each number came from, for the csv
         src = df.groupby(by, sort=False, dropna=False).apply(lambda d: pd.Series({
             "per_seed": ";".join(f"{int(s)}:{v:.6g}" for s, v in sorted(zip(d["seed"], d[col]))),
-            "runs": ";".join(sorted(set(d["run"]))), "commits": ";".join(sorted(set(d["commit"])))}),
+            "runs": ";".join(sorted({str(x) for x in d["run"].dropna()})),
+            "commits": ";".join(sorted({str(x) for x in d["commit"].dropna()}))}),
             include_groups=False).reset_index()
         out = out.merge(src, on=by, how="left")
     return out
