@@ -89,3 +89,29 @@ def personal_accuracy(engine):
     each = [[(correct[f, c] / total[f, c]).item() if total[f, c] else None for c in range(engine.num_clients)]
             for f in range(len(engine.federations))]
     return overall, each
+
+
+def personal_majority_accuracy(labels, federations):
+    """The local majority-label baseline of personalized accuracy: each client predicts the most frequent label
+    of its own training rows (Federation.partitions; the smallest label id on a tie) on the rows held out of its
+    data (Federation.personal_eval). A personalized method that does not beat it has learned no more than each
+    client's label skew. labels: the training split's label ids [N]. Returns (accuracy over all held-out rows
+    of each federation [F], accuracy of each client [F][num_clients], None where a client holds none), or None
+    when no client holds rows (the format of personal_accuracy)."""
+    labels = torch.as_tensor(labels)
+    if not any(len(rows) for fed in federations for rows in fed.personal_eval):
+        return None
+    overall, each = [], []
+    for fed in federations:
+        hits, total, mine = 0, 0, []
+        for train, held in zip(fed.partitions, fed.personal_eval):
+            if not len(held):
+                mine.append(None)
+                continue
+            majority = torch.bincount(labels[torch.as_tensor(train)]).argmax()
+            right = int((labels[torch.as_tensor(held)] == majority).sum())
+            hits, total = hits + right, total + len(held)
+            mine.append(right / len(held))
+        overall.append(hits / max(total, 1))
+        each.append(mine)
+    return overall, each

@@ -347,9 +347,12 @@ def _read(path, parse, what, binary=False):
 def summarize(exp, engine, records, wall):
     """summary.json: status, then per federation its final accuracies (null if it failed), loss, bytes, epsilon."""
     from fedsim.dp import clip_only, epsilon_spent, json_epsilon
+    from fedsim.evaluation import personal_majority_accuracy
     cfg = exp.cfg
     private = exp.dp is not None or exp.client_dp is not None
     feds = []
+    # each client's own majority label on its held-out rows: what a personalized accuracy must beat
+    majority = personal_majority_accuracy(engine.train["labels"], exp.federations)
     for i, f in enumerate(exp.federations):
         mine = [r for r in records if r["federation"] == i]
         evals = [r for r in mine if any(k.startswith("acc_") for k in r)]
@@ -363,6 +366,8 @@ def summarize(exp, engine, records, wall):
             entry["failure"] = dict(failure)
         elif last.get("personal_per_client") is not None:       # each client's own model on its held-out rows
             entry["final_personal_per_client"] = last["personal_per_client"]
+        if majority:
+            entry["personal_majority"], entry["personal_majority_per_client"] = majority[0][i], majority[1][i]
         if private:   # clip only (epsilon .inf): sigma 0, epsilon "inf" (strict JSON has no Infinity)
             spent = epsilon_spent(f.noise_multiplier, exp.sample_rate, exp.steps_per_client, cfg["dp"]["delta"],
                                   cfg["dp"]["accountant"])

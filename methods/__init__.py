@@ -12,9 +12,10 @@ from methods.fedex_lora import FedExLoRA
 from methods.flora import FLoRA
 from methods.hetlora import HetLoRA
 from methods.head_only import HeadOnly
+from methods.local_lora import LocalLoRA
 
 METHODS = {m.name: m for m in (FedAvgLoRA, FedAvgFFT, SLoRA, FFALoRA, SAFedLoRA, FedSALoRA, FedProx, Scaffold,
-                               FedExLoRA, FLoRA, HetLoRA, HeadOnly)}
+                               FedExLoRA, FLoRA, HetLoRA, HeadOnly, LocalLoRA)}
 
 
 def make_method(method_cfg: dict, lora_cfg: dict) -> Method:

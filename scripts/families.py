@@ -7,9 +7,9 @@ output; it touches every seed claim), `standard` (a CPU, enough seeds to decide 
 skipped, and said so (naming it in scripts.reproduce --only is an error). A profile section expands into
 runs: `base` (fedsim config keys, as in fedsim/config.py DEFAULTS) x the cartesian product of `axes`
 (each value sets config keys and gives the run a label), then `task_overrides` for the run's task, then
-every `when` rule whose `match` ({axis: label or [labels]}) fits the run; `exclude` drops combinations. Seeds
-and sweeps (optimizer.lr, lora.alpha, dp.epsilon, dp.max_grad_norm) are federations inside one run, not
-separate runs.
+every `when` rule whose `match` ({axis: label or [labels]}) fits the run; `exclude` rules (the same form)
+drop combinations. Seeds and sweeps (optimizer.lr, lora.alpha, dp.epsilon, dp.max_grad_norm) are
+federations inside one run, not separate runs.
 
 Used by scripts.reproduce (to run them) and scripts.figures (to render them).
 Profile: --profile, else $PROFILE, else `paper` when CUDA is available and `quick` otherwise.
@@ -105,6 +105,11 @@ def build_config(*layers):
     return C.validate(cfg)
 
 
+def _matches(labels, rule):
+    """Whether a run's axis labels fit a `when` match or an `exclude` rule: {axis: label or [labels]}."""
+    return all(labels.get(k) in [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in rule.items())
+
+
 def expand(family_doc, profile):
     """The runs of one family and profile: [{name, labels, overrides, notes}] (configs not yet built)."""
     if profile not in family_doc.get("profiles", {}):
@@ -123,12 +128,11 @@ def expand(family_doc, profile):
         task = over.get("task", C.DEFAULTS["task"])
         over = deep_update(over, prof.get("task_overrides", {}).get(task, {}))
         for rule in prof.get("when", []):                # e.g. a method's own learning rate
-            if all(labels.get(k) in [str(x) for x in (v if isinstance(v, list) else [v])]
-                   for k, v in rule["match"].items()):
+            if _matches(labels, rule["match"]):
                 over = deep_update(over, rule["set"])
         tune = over.pop("tune", None)                    # not a config key: the tuning protocol of this run
         for rule in prof.get("exclude", []):             # combinations that make no sense
-            if all(labels.get(k) == str(v) for k, v in rule.items()):
+            if _matches(labels, rule):
                 break
         else:
             runs.append(dict(name="-".join(labels[n] for n in names), labels=labels, overrides=over,

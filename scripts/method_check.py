@@ -25,6 +25,7 @@ METHODS = {
     "slora": ({"name": "slora", "stage1_rounds": 2, "density": 0.01}, 2e-3, {}),
     "sa_fedlora": ({"name": "sa_fedlora", "init_rounds": 1, "anneal_rounds": 2, "cooling_rank": 2}, 2e-3, {}),
     "fedsa_lora": ({"name": "fedsa_lora"}, 2e-3, {}),     # accuracy: the global model (A, head; B at zero)
+    "local_lora": ({"name": "local_lora"}, 2e-3, {}),     # accuracy: the global model (never trained)
     "fedprox": ({"name": "fedprox", "mu": 0.01}, 2e-3, {}),
     "scaffold": ({"name": "scaffold"}, 2e-3, {}),
     "fedex_lora": ({"name": "fedex_lora"}, 2e-3, {}),

@@ -21,9 +21,13 @@ reported split is never used to choose.
   (accuracy as a fraction, 0.005 = half a point) are tied, and the median of them in grid order is chosen
   (the lower middle one of an even count): among points the dev split cannot tell apart, the middle one,
   not whichever edge noise favoured.
+- score: dev (default) or personal. What a tuning pass is scored on: the global model on the dev split, or,
+  for a method whose reported accuracy is personalized (FedSA-LoRA), each client's own model on rows held
+  out of its data in the tuning pass (personal_eval_fraction > 0; the tuning pass's own partition and rows,
+  never the reported run's).
 The tuning passes live in <results>/<family>/<profile>-tuning/<run-name>[-ext<i>]/; the first one holds
 tuning.json: grid (the values run, extensions included), grid_configured, table (every point run: its
-score, federations, failed ones), chosen, tie_rule (tie_within, the rule in words, the tied points),
+score, federations, failed ones), score, split, chosen, tie_rule (tie_within, the rule in words, the tied points),
 extend, extensions ([{key, side, value, tuning_dir}]), at_edge ([{key, side}] of the choice), limit_reached,
 stopped (why an extension could not be made, else null), seeds, dev_fraction, tuning_only, tuning_dir.
 The run's run.json says what was chosen. Tuning a private run on the clients' data spends privacy that the
@@ -105,7 +109,11 @@ def saved_config(path):
     return cfg
 
 
-TUNE_KEYS = ("grid", "seeds", "dev_fraction", "set", "extend", "tie_within")
+TUNE_KEYS = ("grid", "seeds", "dev_fraction", "set", "extend", "tie_within", "score")
+# what a tuning pass is scored on: the global model on the dev split, or (a personalized method, e.g. FedSA-LoRA,
+# whose reported accuracy is each client's own model) each client's model on rows held out of its own data
+SCORES = {"dev": "dev (training rows held out from every client)",
+          "personal": "personal (each client's own model on rows held out of its data in the tuning pass)"}
 
 
 def _is_number(v):
@@ -146,6 +154,7 @@ def tuning_config(spec, grid=None):
         raise ValueError(f"run {spec['name']}: tune.grid must map sweepable keys ({list(C.SWEEPABLE)}) to "
                          f"value lists")
     tune_protocol(spec)
+    tune_score(spec)
     grid = tune["grid"] if grid is None else grid
     over = deep_update(copy.deepcopy(spec["overrides"]), tune.get("set", {}))   # e.g. tune at one epsilon
     own = dict(over.get("sweep", {}))
@@ -157,17 +166,34 @@ def tuning_config(spec, grid=None):
                                             "dev_fraction": tune.get("dev_fraction", 0.15)})
 
 
-def score_table(summary, grid):
-    """One row per grid point (grid order: the product of the keys' value lists): its mean final dev accuracy
-    over its federations (tuning seeds x the run's own sweep values), None if any of them failed."""
+def tune_score(spec):
+    """The tuning score of a run's tune block (tune.score, default "dev"), checked before any compute: a
+    personal score needs held-out client rows (personal_eval_fraction > 0) in the tuning pass."""
+    score = spec["tune"].get("score", "dev")
+    if score not in SCORES:
+        raise ValueError(f"run {spec['name']}: tune.score must be one of {list(SCORES)} (got {score!r})")
+    if score == "personal":
+        frac = deep_update(copy.deepcopy(spec["overrides"]), spec["tune"].get("set", {})).get(
+            "personal_eval_fraction", C.DEFAULTS["personal_eval_fraction"])
+        if not frac:
+            raise ValueError(f"run {spec['name']}: tune.score personal needs held-out client rows; set "
+                             f"personal_eval_fraction (e.g. 0.1) in the run or in tune.set")
+    return score
+
+
+def score_table(summary, grid, score="dev"):
+    """One row per grid point (grid order: the product of the keys' value lists): its mean final accuracy on
+    `score` (the dev split, or "personal": each client's own model on its held-out rows) over its federations
+    (tuning seeds x the run's own sweep values), None if any of them failed. The row's field is dev_accuracy
+    for either score (the tuning record names the score)."""
     keys = list(grid)
     table = []
     for point in itertools.product(*[grid[k] for k in keys]):
         feds = [f for f in summary["federations"]
                 if all((f.get("variant") or {}).get(k) == v for k, v in zip(keys, point))]
-        ok = [f for f in feds if f.get("status") == "finished" and (f.get("final") or {}).get("dev") is not None]
-        score = sum(f["final"]["dev"] for f in ok) / len(ok) if ok and len(ok) == len(feds) else None
-        table.append(dict(zip(keys, point), dev_accuracy=score, federations=len(feds), failed=len(feds) - len(ok)))
+        ok = [f for f in feds if f.get("status") == "finished" and (f.get("final") or {}).get(score) is not None]
+        mean = sum(f["final"][score] for f in ok) / len(ok) if ok and len(ok) == len(feds) else None
+        table.append(dict(zip(keys, point), dev_accuracy=mean, federations=len(feds), failed=len(feds) - len(ok)))
     return table
 
 
@@ -188,10 +214,10 @@ def pick(table, tie_within=0.0):
     return tied[(len(tied) - 1) // 2], tied
 
 
-def choose(summary, grid, tie_within=0.0):
-    """(chosen {key: value}, table): the grid point with the best mean final dev accuracy over its
+def choose(summary, grid, tie_within=0.0, score="dev"):
+    """(chosen {key: value}, table): the grid point with the best mean final accuracy on `score` over its
     federations (pick() for ties); a point with a failed federation scores None and is never chosen."""
-    table = score_table(summary, grid)
+    table = score_table(summary, grid, score)
     at, _ = pick(table, tie_within)
     return {k: table[at][k] for k in grid}, table
 
@@ -249,6 +275,7 @@ def tune_one(family, profile, spec, root, runner):
     a pass of its own in <first pass>-ext<i>/ and every point run so far is scored again (pick()). Each pass
     is a run directory, so a finished pass is reused and a killed one resumes."""
     extend, tie_within = tune_protocol(spec)
+    score = tune_score(spec)
     grid = {k: list(v) for k, v in spec["tune"]["grid"].items()}
     cfg = tuning_config(spec)
     passes = [_tuning_pass(cfg, Path(root) / family / f"{profile}-tuning" / spec["name"], root, profile, runner)]
@@ -257,7 +284,7 @@ def tune_one(family, profile, spec, root, runner):
         return d.relative_to(Path(root)).as_posix()
     extensions, stopped = [], None
     while True:
-        table = score_table({"federations": [f for _, s in passes for f in s["federations"]]}, grid)
+        table = score_table({"federations": [f for _, s in passes for f in s["federations"]]}, grid, score)
         at, tied = pick(table, tie_within)
         chosen = {k: table[at][k] for k in grid}
         at_edge = edges(chosen, grid)
@@ -277,10 +304,10 @@ def tune_one(family, profile, spec, root, runner):
         extensions.append(dict(key=key, side=side, value=value, tuning_dir=rel(out)))
     top = max(table[i]["dev_accuracy"] for i in tied)
     rule = (f"median in grid order of the {len(tied)} points within {tie_within:g} of the best ({top:.4f})"
-            if tie_within else "the best mean dev accuracy; equal scores: the first in grid order")
+            if tie_within else f"the best mean {score} accuracy; equal scores: the first in grid order")
     record = dict(grid=grid, grid_configured=spec["tune"]["grid"], seeds=cfg["seeds"],
                   dev_fraction=cfg["dev_fraction"], tuning_only=spec["tune"].get("set", {}),
-                  split="dev (training rows held out from every client)", chosen=chosen, table=table,
+                  score=score, split=SCORES[score], chosen=chosen, table=table,
                   tie_rule=dict(tie_within=tie_within, rule=rule,
                                 tied=[{k: table[i][k] for k in grid} for i in tied]),
                   extend=extend, extensions=extensions, at_edge=[dict(key=k, side=s) for k, s in at_edge],

@@ -112,6 +112,7 @@ METHODS = [
     # proximal term in round 1, rank 4 in round 2, truncated to rank 2 at the start of round 3
     {"name": "fedavg_fft"},
     {"name": "fedsa_lora"},                                            # client-local B, stored per client id
+    {"name": "local_lora"},                                            # everything client-local, nothing sent
     {"name": "fedprox", "mu": 0.5},                                    # proximal term toward each one's global
     {"name": "scaffold"},                                              # control variates per federation, client
     {"name": "fedex_lora"},                                            # residual folded into each one's weights

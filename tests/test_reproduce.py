@@ -507,3 +507,59 @@ def test_timing_json_merges_across_a_resumed_sweep(toy_configs, tmp_path, monkey
     assert third["wall_s"] == second["wall_s"]
     assert {r["this_invocation"] for r in third["runs"].values()} == {"skipped"}
     assert [third["runs"][k]["wall_s"] for k in runs] == [runs[k]["wall_s"] for k in runs]
+
+
+def test_exclude_rules_take_a_label_or_a_list_of_labels_like_when_rules():
+    from scripts.families import expand
+    doc = yaml.safe_load("""family: grid
+profiles:
+  smoke:
+    base: {task: sst2}
+    axes:
+      - {name: task, key: task, values: [sst2, mnli]}
+      - {name: privacy, values: [{label: nonprivate, set: {}}, {label: clip_only, set: {}}, {label: dp, set: {}}]}
+    exclude:
+      - {task: mnli, privacy: [clip_only, dp]}
+      - {task: sst2, privacy: clip_only}
+""")
+    names = [r["name"] for r in expand(doc, "smoke")]
+    assert names == ["sst2-nonprivate", "sst2-dp", "mnli-nonprivate"]
+
+
+def test_a_personal_score_tunes_on_each_clients_own_model_not_the_global_one(tmp_path):
+    """FedSA-LoRA's global model keeps B at zero: scored on dev it would pick the lr best for the head alone.
+    With tune.score personal the pass is scored on the personalized accuracy, here the opposite ordering."""
+    import yaml
+    dev = {0.01: 0.7, 0.02: 0.6, 0.04: 0.5}
+    personal = {0.01: 0.5, 0.02: 0.6, 0.04: 0.55}
+
+    def runner(cfg, out, progress=False):
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+        assert cfg["personal_eval_fraction"] == 0.1 and cfg["dev_fraction"] == 0.2
+        feds = [dict(variant={"optimizer.lr": lr}, status="finished", final={"dev": dev[lr], "personal": personal[lr]})
+                for lr in cfg["sweep"]["optimizer.lr"]]
+        summary = dict(status="finished", wall_s=1.0, federations=feds)
+        (out / "summary.json").write_text(json.dumps(summary))
+        return summary
+    spec = _tuned_spec(list(dev), score="personal")
+    spec["overrides"]["personal_eval_fraction"] = 0.1
+    over, record = reproduce.tune_one("fam", "quick", spec, tmp_path, runner)
+    assert record["chosen"] == {"optimizer.lr": 0.02} and over["optimizer"]["lr"] == 0.02
+    assert record["score"] == "personal" and record["split"].startswith("personal")
+    assert [row["dev_accuracy"] for row in record["table"]] == [0.5, 0.6, 0.55]
+    assert "best mean personal accuracy" in record["tie_rule"]["rule"]
+    spec = _tuned_spec(list(dev))                       # the default scores the global model on dev
+    spec["overrides"]["personal_eval_fraction"] = 0.1
+    assert reproduce.tune_one("fam", "quick", spec, tmp_path / "dev", runner)[1]["chosen"] == {"optimizer.lr": 0.01}
+
+
+@pytest.mark.parametrize("tune,overrides,msg", [
+    ({"score": "global"}, {}, r"tune.score must be one of \['dev', 'personal'\] \(got 'global'\)"),
+    ({"score": "personal"}, {}, "tune.score personal needs held-out client rows; set personal_eval_fraction")])
+def test_a_bad_tuning_score_is_one_line_naming_the_fix(tune, overrides, msg):
+    spec = _tuned_spec([0.01, 0.02], **tune)
+    spec["overrides"].update(overrides)
+    with pytest.raises(ValueError, match=msg):
+        reproduce.tuning_config(spec)

@@ -204,15 +204,24 @@ def tuning_table(w, runs, root):
                          + (" (edge of the grid: the best may lie beyond)" if point == record["chosen"] and any(
                              len(record["grid"][k]) > 1 and v in (min(record["grid"][k]), max(record["grid"][k]))
                              for k, v in point.items()) else ""),
-                         "tuning seeds": ",".join(map(str, record["seeds"]))})
+                         "tuning seeds": ",".join(map(str, record["seeds"])),
+                         "scored on": record.get("score", "dev")})
             raw.append({"run": ", ".join(names), **point, "dev_accuracy": acc, "chosen": point == record["chosen"],
                         "extension": added, "limit_reached": bool(record.get("limit_reached")),
-                        "seeds": record["seeds"], "dev_fraction": record["dev_fraction"]})
+                        "seeds": record["seeds"], "dev_fraction": record["dev_fraction"],
+                        "score": record.get("score", "dev")})
     if rows:
-        w.table("tuning", pd.DataFrame(rows).set_index("run"), pd.DataFrame(raw),
+        table = pd.DataFrame(rows).set_index("run")
+        personal = (table["scored on"] != "dev").any()
+        if not personal:                         # every pass scored on the dev split: the caption says so
+            table = table.drop(columns="scored on")
+        w.table("tuning", table, pd.DataFrame(raw),
                 "Tuning: each grid point's mean final accuracy on the dev split (training rows held out from every "
                 "client), run as federations of one pass; `extension` = a point added beyond an edge choice "
-                "(tune.extend); the runs named use the chosen point on all their rows.")
+                "(tune.extend); the runs named use the chosen point on all their rows."
+                + (" `scored on` personal: a personalized method's passes score each client's own model on rows "
+                   "held out of its data in the tuning pass (its own partition, not the reported run's), the "
+                   "accuracy it reports." if personal else ""))
         tuning_figure(w, pd.DataFrame(raw))
 
 
@@ -220,7 +229,7 @@ def tuning_figure(w, raw):
     """Every tuning pass's curve, one small panel each: dev accuracy against the (single, numeric) tuned key on
     a log axis, the grid's points filled, extensions hollow, the choice starred."""
     keys = [k for k in raw.columns if k not in ("run", "dev_accuracy", "chosen", "extension", "limit_reached",
-                                                "seeds", "dev_fraction")]
+                                                "seeds", "dev_fraction", "score")]
     if len(keys) != 1 or not pd.api.types.is_numeric_dtype(raw[keys[0]]):
         return                                   # several keys or a categorical one: the table says it all
     key, groups = keys[0], list(raw.groupby("run", sort=True))
