@@ -26,6 +26,7 @@ DEFAULTS = {
     "dev_fraction": 0.0,         # hold out this share of the training rows as split "dev" (tuning), never trained on; the run is then scored on dev only
     "personal_eval_fraction": 0.0,  # hold out this share of each client's rows to score its own model (personalized accuracy)
     "eval_subsample": 1000,
+    "curve_eval_subsample": None,  # evaluations before the last score only this many rows of each split (a keyed random subset; the last round scores them too, beside the whole split); None = every evaluation scores the whole split
     "eval_splits": None,         # evaluation splits by metric name (mnli: [matched]); None = all of the task's
     "strip_metadata": False,     # 20 Newsgroups: drop headers/footers/quotes like scikit-learn
     "model": "all-MiniLM-L6-v2",
@@ -69,6 +70,10 @@ OPTIMIZERS = ("sgd", "adamw")
 # Keys that change how a run is computed but not its numbers (beyond float rounding): a run may resume
 # under other values of these. Everything else must match the run being resumed (see `config_diff`).
 RESULT_NEUTRAL = ("device", "replica_chunk", "eval_batch_size", "dp.max_batch_factor")
+# Keys added after runs were first checkpointed, with their defaults (the behaviour the code had before the key
+# existed): at that default a key enters neither the config hash nor the diff, so a run written before the key
+# existed resumes under the code that has it, and its hash stays what it was.
+ADDED_KEYS = {"curve_eval_subsample": None}
 
 # Declared type of every key ("?" = may be null). int: an integer (10.0 and "1e3" are accepted when
 # whole); float: a finite number; epsilon: a number or .inf, not NaN (dp.validate_dp checks the range);
@@ -76,7 +81,7 @@ RESULT_NEUTRAL = ("device", "replica_chunk", "eval_batch_size", "dp.max_batch_fa
 # as "all-linear".
 TYPES = {
     "task": "str", "data_dir": "str?", "max_length": "int", "padding": "str", "train_subsample": "int?",
-    "eval_subsample": "int?", "eval_splits": "strs?", "dev_fraction": "float", "personal_eval_fraction": "float", "strip_metadata": "bool", "model": "str", "num_hidden_layers": "int?", "pooling": "str",
+    "eval_subsample": "int?", "curve_eval_subsample": "int?", "eval_splits": "strs?", "dev_fraction": "float", "personal_eval_fraction": "float", "strip_metadata": "bool", "model": "str", "num_hidden_layers": "int?", "pooling": "str",
     "num_clients": "int", "client_fraction": "float", "rounds": "int", "local_steps": "int",
     "batch_size": "int", "eval_every": "int", "eval_batch_size": "int",
     "lora.rank": "int", "lora.alpha": "float", "lora.targets": "targets",
@@ -189,7 +194,7 @@ def flatten(cfg, prefix=""):
 
 def config_diff(old, new, ignore=RESULT_NEUTRAL):
     """['key: old -> new', ...] for every key whose value differs (keys in `ignore` excepted)."""
-    a, b = flatten(old), flatten(new)
+    a, b = ({**ADDED_KEYS, **flatten(c)} for c in (old, new))       # a key added since: absent = its default
     return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
             if k not in ignore and a.get(k, "(unset)") != b.get(k, "(unset)")]
 
@@ -198,7 +203,8 @@ def config_hash(cfg, ignore=RESULT_NEUTRAL):
     """Short hash of everything that determines a run's numbers (the keys in `ignore` excepted)."""
     import hashlib
     import json
-    kept = {k: v for k, v in flatten(cfg).items() if k not in ignore}
+    kept = {k: v for k, v in flatten(cfg).items()
+            if k not in ignore and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -341,7 +347,7 @@ def _check_values(cfg):
     need(cfg["eval_batch_size"] >= 1, f"eval_batch_size must be >= 1 (got {cfg['eval_batch_size']})")
     need(cfg["max_length"] >= 2, f"max_length must be >= 2 tokens (got {cfg['max_length']}): [CLS] and [SEP] "
          "alone take 2; try 64 or 128")
-    for key in ("train_subsample", "eval_subsample"):
+    for key in ("train_subsample", "eval_subsample", "curve_eval_subsample"):
         need(cfg[key] is None or cfg[key] >= 1, f"{key} must be a positive number of rows or null (got {cfg[key]})")
     need(cfg["num_hidden_layers"] is None or cfg["num_hidden_layers"] >= 1,
          f"num_hidden_layers must be >= 1 or null for all layers (got {cfg['num_hidden_layers']})")

@@ -375,9 +375,10 @@ class FederatedEngine:
             self.update_clip = d["update_clip"].to(self.device)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self):
-        """Accuracy of each federation's global model on every eval split: {split: [F accuracies]}."""
-        return global_accuracy(self)
+    def evaluate(self, splits=None):
+        """Accuracy of each federation's global model on every eval split (or on those named):
+        {split: [F accuracies]}."""
+        return global_accuracy(self, splits)
 
     def evaluate_personal(self):
         """Each client's own model on its held-out rows (fedsim.evaluation.personal_accuracy), or None."""

@@ -8,8 +8,9 @@ from fedsim.plan import index_rows
 
 
 @torch.no_grad()
-def global_accuracy(engine):
-    """Accuracy of each federation's global model on every eval split: {split: [F accuracies]}."""
+def global_accuracy(engine, splits=None):
+    """Accuracy of each federation's global model on every eval split (or on the named ones):
+    {split: [F accuracies]}."""
     F_ = len(engine.federations)
     for name, g in engine.global_state.items():          # replicas 0..F-1 hold the global models
         engine.tensors[name][:F_].copy_(g)
@@ -21,6 +22,8 @@ def global_accuracy(engine):
     per_pass = max(1, engine.chunk // engine.clients_per_round)
     out = {}
     for split, data in engine.eval_sets.items():
+        if splits is not None and split not in splits:
+            continue
         correct = torch.zeros(F_)
         n = len(data["labels"])
         by_length = data["attention_mask"].sum(1).argsort(stable=True)   # batches of similar length: less padding

@@ -39,6 +39,7 @@ from fedsim.autochunk import choose_replica_chunk
 from fedsim.engine import DPSetup, Federation, build_engine
 from fedsim.files import atomic_write
 from fedsim.provenance import cpu_has_native_bf16, environment, file_sha256, model_record
+from fedsim.rng import numpy_rng
 from fedsim.sampling import PoissonOverflowError
 
 
@@ -90,6 +91,9 @@ class Experiment:
         self.eval_splits = {"dev": None} if len(self.dev_rows) else {
             name: split for name, split in self.task.eval_splits.items()
             if cfg["eval_splits"] is None or name in cfg["eval_splits"]}
+        # the curve subsets' names (<split>_curve) when evaluations before the last score a subset, else None
+        self.curve_splits = [name + CURVE for name in self.eval_splits] \
+            if cfg["curve_eval_subsample"] and not len(self.dev_rows) else None
         pcfg = dict(cfg["partition"])
         pname = pcfg.pop("name")
         self.federations = []
@@ -150,6 +154,7 @@ class Experiment:
         else:
             evals = {name: load_tokenized(self.task, split, tok, subsample=cfg["eval_subsample"], **kw)
                      for name, split in self.eval_splits.items()}
+            evals.update(curve_subsets(evals, cfg["curve_eval_subsample"]))
         if self.device.type == "cuda":
             train = {k: v.pin_memory() for k, v in train.items()}
             evals = {s: {k: v.to(self.device) for k, v in d.items()} for s, d in evals.items()}
@@ -246,7 +251,8 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
         except PoissonOverflowError as e:
             raise _overflow(e, cfg, engine) from e
         evaluated = (t + 1) % cfg["eval_every"] == 0 or t + 1 == rounds
-        acc = engine.evaluate() if evaluated else {}
+        # before the last round only the curve subsets (when the config has them); the last round scores all
+        acc = engine.evaluate(None if t + 1 == rounds else exp.curve_splits) if evaluated else {}
         personal = engine.evaluate_personal() if evaluated else None    # None without held-out client rows
         if personal:
             acc["personal"] = personal[0]
@@ -261,7 +267,7 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
                 rec["update_clip"] = info["update_clip"][i]
             if i in info["failed"]:
                 rec["failed"] = info["failed"][i]
-                rec.update({f"acc_{k}": None for k in exp.eval_splits})
+                rec.update({f"acc_{k}": None for k in [*exp.eval_splits, *(exp.curve_splits or [])]})
             else:
                 rec.update({f"acc_{k}": v[i] for k, v in acc.items()})
                 if personal:
@@ -342,6 +348,23 @@ def _read(path, parse, what, binary=False):
                f"delete {path.parent} (or choose a new --out) to start the run over")
         raise RunError(f"cannot read {path} ({type(e).__name__}{': ' + first if first else ''}): the {what} is "
                        f"damaged; {fix}") from e
+
+
+CURVE = "_curve"      # suffix of an eval split's curve subset (its metrics: acc_<split>_curve)
+
+
+def curve_subsets(evals, rows):
+    """{<split>_curve: the tokenized rows of a keyed random subset of `rows` rows of each split} (all of a
+    split's rows when it has fewer), or {} when rows is None. The same rows at every evaluation and for every
+    federation, so a learning curve compares like with like while each point costs `rows` rows, not the split."""
+    if not rows:
+        return {}
+    out = {}
+    for name, data in evals.items():
+        n = len(data["labels"])
+        keep = torch.as_tensor(np.sort(numpy_rng("curve eval", name, n).permutation(n)[:rows]))
+        out[name + CURVE] = {k: v[keep] for k, v in data.items()}
+    return out
 
 
 def summarize(exp, engine, records, wall):

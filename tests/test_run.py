@@ -200,3 +200,36 @@ def test_eval_splits_chooses_what_is_evaluated():
     from fedsim.run import Experiment
     assert list(Experiment(load_config(overrides=dict(SMOKE, task="mnli"))).eval_splits) == ["matched", "mismatched"]
     assert list(Experiment(load_config(overrides=dict(SMOKE, task="mnli", eval_splits=["matched"]))).eval_splits) == ["matched"]
+
+
+def test_curve_eval_subsample_scores_a_fixed_subset_before_the_last_round_and_the_whole_split_at_it(tmp_path):
+    """Evaluations before the last score only the curve subset (acc_<split>_curve); the last scores the whole
+    split and the subset. Training is untouched: the final accuracies equal the run without the key, and a
+    subset as large as the split scores exactly what the whole split does, at every round."""
+    base = dict(SMOKE, eval_every=1)
+    plain = run(load_config(overrides=base), tmp_path / "plain", progress=False)
+    curve = run(load_config(overrides=dict(base, curve_eval_subsample=20)), tmp_path / "curve", progress=False)
+    whole = run(load_config(overrides=dict(base, curve_eval_subsample=60)), tmp_path / "whole", progress=False)
+    rows, plain_rows, whole_rows = (_metrics(tmp_path / d) for d in ("curve", "plain", "whole"))
+    for r in rows:
+        last = r["round"] == SMOKE["rounds"]
+        assert ("acc_validation" in r) == last and 0 <= r["acc_validation_curve"] <= 1
+        assert round(r["acc_validation_curve"] * 20) == pytest.approx(r["acc_validation_curve"] * 20, abs=1e-4)
+    for a, b in zip(plain_rows, whole_rows):
+        assert a["loss"] == b["loss"] and a["acc_validation"] == b["acc_validation_curve"]
+    for p, c in zip(plain["federations"], curve["federations"]):
+        assert p["final"]["validation"] == c["final"]["validation"] and "validation_curve" in c["final"]
+    assert {f["final"]["validation"] for f in whole["federations"]} == \
+        {f["final"]["validation_curve"] for f in whole["federations"]}
+
+
+def test_a_key_added_since_a_run_was_written_resumes_it_at_its_default():
+    """A config saved before curve_eval_subsample existed has the same hash and no diff against the config
+    with the key at its default (the behaviour the code had): such a run resumes; another value is a diff."""
+    from fedsim.config import ADDED_KEYS, config_diff, config_hash
+    new = load_config(overrides=SMOKE)
+    old = {k: v for k, v in new.items() if k not in ADDED_KEYS}
+    assert set(ADDED_KEYS) <= set(new) and config_hash(old) == config_hash(new) and config_diff(old, new) == []
+    changed = dict(new, curve_eval_subsample=10)
+    assert config_hash(changed) != config_hash(new)
+    assert config_diff(old, changed) == ["curve_eval_subsample: None -> 10"]

@@ -29,6 +29,7 @@ from fedsim import config as C
 from scripts.families import PROFILES, expand, load_families, required
 from scripts.figures import papers
 from scripts.figures.families.heterogeneity import PEFT_METHOD
+from scripts.figures.families.sweeps import tuned_per_alpha
 from scripts.figures.load import (CLIP_ONLY_LABEL, MB, agg, ci_half, curve_frame, federation_frame, load_runs,
                                   num_labels, per_seed, privacy_label)
 from scripts.figures.style import COMPARABLE_TOL, learned, partition_key, partition_name, tol
@@ -561,17 +562,17 @@ class _Rows:
 
     def f_tuned(self):
         claim = "FFA-LoRA insensitive to LoRA α, learning rate tuned per α"
-        tuned = [r for r in self.runs("alpha") if r["meta"].get("tuned") and r["cfg"]
-                 and "lora.alpha" not in (r["cfg"].get("sweep") or {})]
-        df = federation_frame(tuned, privacy=True) if tuned else pd.DataFrame()
-        if df.empty:
+        tuned = [r for r in self.runs("alpha") if tuned_per_alpha(r)]
+        al = self.r.get("alpha")
+        ranges = al.tuned if al is not None and al.tuned is not None and len(al.tuned) else None
+        if ranges is None:
             def match(s):
                 return s["family"] == "alpha" and s["tune"] is not None and \
                     "lora.alpha" not in (s["cfg"].get("sweep") or {})
             return [self.missing("f", papers.FFA, claim, "alpha", match, "an α grid with the learning rate tuned "
                                  "per α", self.cfgs("alpha", [], lambda s: s["family"] == "alpha"))]
         out = []
-        for (task, lev), g in _alpha_ranges(df).groupby(["task", "privacy"], sort=True):
+        for (task, lev), g in ranges.groupby(["task", "privacy"], sort=True):
             fr, vr = g[g.method == "ffa_lora"], g[g.method == "fedavg_lora"]
             if fr.empty or vr.empty:
                 continue
@@ -1020,19 +1021,6 @@ def _range_rule(f, v):
     if v["range"] > t:
         return ours, "reproduced"
     return ours, "inconclusive (neither method moves with α over this grid)"
-
-
-def _alpha_ranges(df):
-    """task, privacy, method: range of the mean accuracy over α, mean seed std, learned cells (as the alpha
-    family's ranges)."""
-    a = agg(df, ["task", "privacy", "method", "lora.alpha"])
-    rows = []
-    for (task, priv, method), g in a.groupby(["task", "privacy", "method"], sort=True):
-        ch = _chance(task)
-        rows.append(dict(task=task, privacy=priv, method=method, range=g["mean"].max() - g["mean"].min(),
-                         mean_std=g["std"].mean(), cells=len(g), min_seeds=int(g["n"].min()),
-                         learned_cells=int(sum(ch is None or learned(m, ch) for m in g["mean"]))))
-    return pd.DataFrame(rows)
 
 
 def _finished(summary):

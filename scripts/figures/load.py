@@ -133,12 +133,14 @@ def federation_frame(runs, privacy=False):
 
 
 def curve_frame(runs):
-    """One row per (run, federation, evaluated round): accuracy and cumulative upload."""
+    """One row per (run, federation, evaluated round): accuracy and cumulative upload. A run whose evaluations
+    before the last scored a subset of the split (curve_eval_subsample) gives that subset's accuracy at every
+    round, the last included, so each curve compares the same rows; its final tables read the whole split."""
     rows = []
     for r in runs:
         if r["cfg"] is None:
             continue
-        split = primary_split(r["cfg"]["task"])
+        split = primary_split(r["cfg"]["task"]) + ("_curve" if r["cfg"].get("curve_eval_subsample") else "")
         healthy = {f["federation"] for f in finished_federations(r["summary"])}
         for m in r["metrics"]:
             if f"acc_{split}" not in m or m["federation"] not in healthy:

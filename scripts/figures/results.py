@@ -30,7 +30,9 @@ class Heterogeneity:
 
 @dataclass(frozen=True)
 class AlphaSweep:
-    ranges: pd.DataFrame        # task, privacy, method: accuracy range over LoRA alpha, mean seed std, learned cells
+    ranges: pd.DataFrame | None     # learning rate fixed across alpha: task, privacy, method: accuracy range over
+    #                                 LoRA alpha, mean seed std, learned cells (None: no such run)
+    tuned: pd.DataFrame | None = None   # the same for the per-alpha tuned runs (None: no such run)
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,33 @@ def _accuracy_panels(axes, groups, key, xs, xlabel):
         ax.legend()
 
 
-@register("alpha")
-def family_alpha(w, runs, ctx):
+def tuned_per_alpha(run):
+    """Whether a run of the alpha family is one point of a per-α tuned curve (its learning rate tuned at its
+    own α) rather than a fixed-learning-rate sweep over α inside one pass."""
+    return bool(run["meta"].get("tuned")) and run["cfg"] is not None and \
+        "lora.alpha" not in (run["cfg"].get("sweep") or {})
+
+
+def alpha_ranges(a):
+    """task, privacy, method: the range (max - min) of the mean accuracy over α, the mean seed std, the cells
+    that learned, the fewest seeds of a cell. a: agg() of a federation frame by task, privacy, method, α."""
+    rows = []
+    for (task, priv, method), g in a.groupby(["task", "privacy", "method"], sort=True):
+        rows.append(dict(task=task, privacy=priv, method=method, range=g["mean"].max() - g["mean"].min(),
+                         mean_std=g["std"].mean(), cells=len(g), min_seeds=int(g["n"].min()),
+                         learned_cells=int(sum(learned(m, 1.0 / num_labels(task)) for m in g["mean"]))))
+    return pd.DataFrame(rows)
+
+
+def _alpha_table(w, runs, name, how):
+    """The accuracy-vs-α table and figure of one reading (fixed or tuned learning rate); returns the agg frame."""
     df = federation_frame(runs, privacy=True)
     if df.empty:
-        return
+        return None
     a = agg(df, ["task", "privacy", "method", "lora.alpha"])
     alphas = sorted(a["lora.alpha"].unique())
-    disp_rows, raw, ranges = [], [], []
+    disp_rows, raw = [], []
+    ranges = alpha_ranges(a).set_index(["task", "privacy", "method"])
     for (task, priv), at in a.groupby(["task", "privacy"], sort=True):
         for method in methods_present(at):
             c = at[at.method == method].set_index("lora.alpha").reindex(alphas)
@@ -40,20 +59,29 @@ def family_alpha(w, runs, ctx):
                 row[f"α={al:g}"] = fmt_pct(c.loc[al, "mean"], c.loc[al, "ci"], c.loc[al, "n"])
                 raw.append(dict(task=task, privacy=priv, method=method, lora_alpha=al, mean=c.loc[al, "mean"],
                                 std=c.loc[al, "std"], n=c.loc[al, "n"], **sources(c.loc[al])))
-            rng = c["mean"].max() - c["mean"].min()
-            row["range (max−min)"] = f"{100 * rng:.1f}"
-            ranges.append(dict(task=task, privacy=priv, method=method, range=rng, mean_std=c["std"].mean(),
-                               learned_cells=int(sum(learned(m, 1.0 / num_labels(task)) for m in c["mean"])),
-                               cells=len(alphas), min_seeds=int(c["n"].min())))
+            row["range (max−min)"] = f"{100 * ranges.loc[(task, priv, method), 'range']:.1f}"
             disp_rows.append(row)
-    w.table("accuracy", pd.DataFrame(disp_rows).set_index(["task", "privacy", "method"]), pd.DataFrame(raw),
-            f"Final accuracy (%) vs LoRA scaling α (scale α/r), {INTERVAL}; range = max − min of the means.")
+    suffix = "" if name == "accuracy" else name[len("accuracy"):]
+    w.table(name, pd.DataFrame(disp_rows).set_index(["task", "privacy", "method"]), pd.DataFrame(raw),
+            f"Final accuracy (%) vs LoRA scaling α (scale α/r), {how}, {INTERVAL}; range = max − min of the means.")
     groups = list(a.groupby(["task", "privacy"], sort=True))
     fig, axes = plt.subplots(1, len(groups), figsize=(3.8 * len(groups), 3.1), squeeze=False)
     _accuracy_panels(axes[0], groups, "lora.alpha", alphas, "LoRA α (scale = α / r)")
     fig.tight_layout()
-    w.figure("accuracy_vs_lora_alpha", fig, f"Accuracy vs LoRA α, with and without DP ({BARS}).")
-    return AlphaSweep(ranges=pd.DataFrame(ranges))
+    w.figure(f"accuracy_vs_lora_alpha{suffix}", fig, f"Accuracy vs LoRA α, {how} ({BARS}).")
+    return a
+
+
+@register("alpha")
+def family_alpha(w, runs, ctx):
+    fixed = _alpha_table(w, [r for r in runs if not tuned_per_alpha(r)], "accuracy",
+                         "learning rate fixed across α, with and without DP")
+    tuned = _alpha_table(w, [r for r in runs if tuned_per_alpha(r)], "accuracy_tuned",
+                         "learning rate tuned per α (one run per α, tuned on the dev split)")
+    if fixed is None and tuned is None:
+        return None
+    return AlphaSweep(ranges=alpha_ranges(fixed) if fixed is not None else None,
+                      tuned=alpha_ranges(tuned) if tuned is not None else None)
 
 
 @register("rank")
