@@ -1108,13 +1108,31 @@ def _method_claims(table):
             dead = not learned(max(means), 1.0 / num_labels(task))
             v = paired_verdict(*per)
             parts.append(f"{task}: {100 * means[0]:.1f} vs FedAvg-LoRA {100 * means[1]:.1f}"
-                         + (" [no verdict, both at chance]" if dead else f" [{v.text()}]"))
+                         + (" [no verdict, both at chance]" if dead else f" [{v.text()}]")
+                         + (_personal_baselines(seeds[seeds.task == task], means[0])
+                            if column == "acc_personal" else ""))
             verdicts.append("inconclusive (both at chance)" if dead else v.verdict)
         if parts:
             metric = "personalized accuracy" if column == "acc_personal" else "accuracy"
             out.append((paper, claim, label, _combine(verdicts), "; ".join(parts) + f" ({metric}, paired by "
                         f"seed: reproduced if the 95% interval of the difference lies above 0)."))
     return out
+
+
+def _personal_baselines(seeds, mean):
+    """The personalized baselines beside a personalized mean: local-only training (the local_lora run) and the
+    local majority label (every run's summary), and whether the mean is above both; '' without either."""
+    local = seeds[seeds.label == "local_lora"]["acc_personal"].dropna() if "acc_personal" in seeds else []
+    major = seeds["personal_majority"].dropna() if "personal_majority" in seeds else []
+    have = {name: float(x.mean()) for name, x in (("local-only", local), ("local majority label", major))
+            if len(x)}
+    if not have:
+        return ""
+    text = ", ".join(f"{name} {100 * m:.1f}" for name, m in have.items())
+    above = all(mean > m for m in have.values())
+    return f"; baselines: {text} ({'above' if above else 'NOT above'} {'both' if len(have) == 2 else 'it'}: " + (
+        "the personalization beats what each client reaches alone)" if above else
+        "each client alone does as well, so the win over FedAvg-LoRA is the skew, not the method)")
 
 
 def _combine(verdicts):

@@ -116,6 +116,7 @@ def federation_frame(runs, privacy=False):
             row["acc"] = f["final"].get(primary_split(task), float("nan"))
             for k, v in f["final"].items():
                 row[f"acc_{k}"] = v
+            row["personal_majority"] = f.get("personal_majority", float("nan"))   # each client's own majority label
             row["cum_up_MB"] = f["cum_up_bytes"] / MB
             row["epsilon"] = epsilon_value(f.get("target_epsilon"))          # clip only: math.inf
             row["epsilon_spent"] = epsilon_value(f.get("epsilon_spent"))

@@ -6,16 +6,19 @@ import pandas as pd
 
 from fedsim.sampling import clients_per_round
 from scripts.figures.families import register
-from scripts.figures.load import MB, agg, curve_frame, federation_frame, num_labels, primary_split
+from scripts.figures.load import MB, agg, ci_half, curve_frame, federation_frame, num_labels, primary_split
 from scripts.figures.results import MethodsTable
 from scripts.figures.style import INTERVAL, fmt_pct, learned, tol
 
 BASELINE = "fedavg_lora"
 # display names of the family's method labels (configs/methods.yaml), in table order
 LABEL = {"fedavg_lora": "FedAvg-LoRA", "ffa_lora": "FFA-LoRA", "fedsa_lora": "FedSA-LoRA", "fedprox": "FedProx",
-         "scaffold": "SCAFFOLD", "fedex_lora": "FedEx-LoRA", "flora": "FLoRA", "hetlora": "HetLoRA",
+         "local_lora": "local-only LoRA (no federation)", "scaffold": "SCAFFOLD", "fedex_lora": "FedEx-LoRA", "flora": "FLoRA", "hetlora": "HetLoRA",
          "fedavgm": "FedAvg-LoRA + FedAvgM", "fedadam": "FedAvg-LoRA + FedAdam",
          "dp_sample_eps3": "FedAvg-LoRA, DP-SGD (sample) ε=3", "dp_client_eps3": "FedAvg-LoRA, DP-FedAvg (client) ε=3"}
+
+
+MAJORITY = "local majority label (each client's own most frequent label)"
 
 
 def _run_facts(run):
@@ -75,25 +78,63 @@ def family_methods(w, runs, ctx):
                                  up_client_round_MB=f["up_client_MB"], dp_unit=f["dp_unit"], epsilon_spent=eps))
             for client, acc in per_client.items():
                 personal_rows.append(dict(task=task, method=label, client=client, acc=acc))
+        major = dt["personal_majority"].dropna() if "personal_majority" in dt else pd.Series(dtype=float)
+        if len(major):               # a baseline of the personalized column only: nothing trained, nothing sent
+            rows.append({"method": MAJORITY, **{k: "-" for k in rows[0] if k != "method"},
+                         "personalized (%)": f"{100 * major.mean():.1f}"})
+            raw_rows.append(dict(task=task, method="local_majority", personal_mean=major.mean(), n=len(major)))
         disp = pd.DataFrame(rows).set_index("method")
         w.table(f"methods_{task}", disp, pd.DataFrame([r for r in raw_rows if r["task"] == task]),
                 f"{task}: final accuracy on {primary_split(task)} ({INTERVAL}; (chance) = within 5 points of "
                 f"chance), the difference to FedAvg-LoRA (* = larger than max(2 points, the larger seed std)), "
                 f"personalized accuracy (each client's own model on the rows held out of its data; FedSA-LoRA: with its "
-                f"own B) and its worst client, upload per client and round, what DP protects and ε spent.")
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for i, label in enumerate(_order(cv[cv.task == task]["label"].unique())):
-            cm = cv[(cv.task == task) & (cv.label == label)].groupby("round").agg(
-                acc=("acc", "mean"), mb=("cum_up_MB", "mean")).reset_index()
-            ax.plot(cm["mb"], 100 * cm["acc"], marker="osD^v<>ph*"[i % 10], ms=3, color=f"C{i % 10}",
-                    ls=["-", "--", "-.", ":"][i // 10 % 4], label=LABEL.get(label, label))
-        ax.axhline(100 * chance, color="grey", ls=":", lw=1, label="chance")
-        ax.set_xscale("log")
-        ax.set_xlabel("cumulative upload, all clients of one federation (MB, log scale)")
-        ax.set_ylabel(f"accuracy on {primary_split(task)} (%)")
-        ax.set_title(f"{task}: accuracy vs communication, every method")
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        w.figure(f"accuracy_vs_upload_{task}", fig, f"{task}: accuracy vs cumulative uploaded MB per method "
-                                                    f"(mean over seeds, every evaluated round).")
+                f"own B) and its worst client, upload per client and round, what DP protects and ε spent; the "
+                f"personalized baselines: local-only LoRA (each client trains alone, sends nothing) and the local "
+                f"majority label (each client predicts its own most frequent training label).")
+        curves_figure(w, task, cv[cv.task == task], chance)
     return MethodsTable(table=pd.DataFrame(raw_rows), personal=pd.DataFrame(personal_rows), seeds=df)
+
+
+def _curve(cv, label):
+    """Mean accuracy, 95% half-width over seeds and mean cumulative upload per evaluated round of one method."""
+    cm = cv[cv.label == label].groupby("round").agg(acc=("acc", "mean"), sd=("acc", "std"), n=("acc", "count"),
+                                                    mb=("cum_up_MB", "mean")).reset_index()
+    cm["half"] = [ci_half(sd, n) if n > 1 else 0.0 for sd, n in zip(cm["sd"].fillna(0.0), cm["n"])]
+    return cm
+
+
+def curves_figure(w, task, cv, chance):
+    """Accuracy against cumulative upload, one small panel per method (FedAvg-LoRA in grey in each, for
+    reference), mean over seeds with a band of the 95% interval; methods that send nothing are left out (no
+    upload axis)."""
+    labels = [x for x in _order(cv["label"].unique()) if x != BASELINE and _curve(cv, x)["mb"].gt(0).all()]
+    if not labels:
+        return
+    base = _curve(cv, BASELINE) if BASELINE in set(cv["label"]) else None
+    cols = min(4, len(labels))
+    nrows = -(-len(labels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.5 * nrows), squeeze=False, sharex=True,
+                             sharey=True)
+    for ax, label in zip(axes.flat, labels):
+        for cm, name, color in ([(base, LABEL[BASELINE], "0.6")] if base is not None else []) + \
+                [(_curve(cv, label), LABEL.get(label, label), "C0")]:
+            ax.plot(cm["mb"], 100 * cm["acc"], marker="o", ms=2.5, color=color, label=name)
+            ax.fill_between(cm["mb"], 100 * (cm["acc"] - cm["half"]), 100 * (cm["acc"] + cm["half"]),
+                            color=color, alpha=0.2, lw=0)
+        ax.axhline(100 * chance, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_title(LABEL.get(label, label), fontsize=8)
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in axes.flat[len(labels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("cumulative upload (MB, log)", fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"accuracy on {primary_split(task)} (%)", fontsize=7)
+    fig.suptitle(f"{task}: accuracy vs communication, each method beside FedAvg-LoRA (grey)", fontsize=9)
+    fig.tight_layout()
+    w.figure(f"accuracy_vs_upload_{task}", fig, f"{task}: accuracy against the cumulative upload of one federation's "
+             f"clients, one panel per method with FedAvg-LoRA in grey; mean over seeds, bands = 95% t-interval over "
+             f"seeds at each evaluated round (the curve's rows: a fixed subset of the split where the run sets "
+             f"curve_eval_subsample). Methods that send nothing (local-only) have no upload axis and are left out.")
+
