@@ -563,3 +563,19 @@ def test_a_bad_tuning_score_is_one_line_naming_the_fix(tune, overrides, msg):
     spec["overrides"].update(overrides)
     with pytest.raises(ValueError, match=msg):
         reproduce.tuning_config(spec)
+
+
+def test_every_committed_run_and_tuning_config_is_valid_before_any_compute():
+    """Each run of every family and profile in configs/ (and its tuning pass) resolves to a valid config, its tune
+    block passes the checks, and the run names of a profile are unique: a typo in a YAML file fails here, not
+    hours into `make reproduce`."""
+    from scripts.families import build_config, expand, load_families
+    for fam, doc in load_families().items():
+        for profile in doc.get("profiles", {}):
+            specs = expand(doc, profile)
+            names = [s["name"] for s in specs]
+            assert len(names) == len(set(names)), (fam, profile)
+            for spec in specs:
+                build_config(spec["overrides"])
+                if spec.get("tune"):
+                    reproduce.tuning_config(spec)
