@@ -579,3 +579,37 @@ def test_every_committed_run_and_tuning_config_is_valid_before_any_compute():
                 build_config(spec["overrides"])
                 if spec.get("tune"):
                     reproduce.tuning_config(spec)
+
+
+def test_a_readme_over_two_profiles_shows_each_family_and_claim_from_the_profile_that_ran_it(smoke_results,
+                                                                                            tmp_path):
+    """With standard and quick runs saved, results/README.md takes each family's section from standard where
+    it has runs and from quick otherwise (pointing to the other's tables), and each claim row names its profile."""
+    import shutil
+    root = tmp_path / "r"
+    shutil.copytree(smoke_results / "ffa_table" / "smoke", root / "ffa_table" / "standard")
+    shutil.copytree(smoke_results / "ffa_table" / "smoke", root / "ffa_table" / "quick")
+    shutil.copytree(smoke_results / "heterogeneity" / "smoke", root / "heterogeneity" / "quick")
+    assert figures.main(["--results", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    assert "## ffa_table (standard profile)" in text and "## heterogeneity (quick profile)" in text
+    assert "the quick profile's tables and figures: `ffa_table/quick/`" in text
+    assert (root / "ffa_table" / "quick" / "tables").is_dir() and (root / "ffa_table" / "standard" / "tables").is_dir()
+    head = next(line for line in text.splitlines() if line.startswith("| id |"))
+    assert "| ours | profile | verdict |" in head
+    sst2_a = [line for line in text.splitlines() if line.startswith("| a |") and ": sst2" in line]
+    assert sst2_a and all("| standard | **" in line and "**not run**" not in line for line in sst2_a)
+
+
+def test_merge_claims_takes_each_claim_from_the_first_profile_that_ran_it():
+    from scripts.figures.claims import ClaimRow, merge_claims
+
+    def row(cid, claim, verdict):
+        return ClaimRow(cid, "P", claim, "-", "ours", verdict, "-", "fam")
+    standard = [row("a", "x: mnli", "not run"), row("a", "x: sst2", "reproduced"), row("fedsa_lora", "m", "not run")]
+    quick = [row("a", "x: mnli", "refuted"), row("a", "x: sst2", "refuted"), row("b", "y", "not run"),
+             row("fedsa_lora", "m", "underpowered")]
+    merged = merge_claims({"standard": standard, "quick": quick}, ["standard", "quick"])
+    assert [(r.id, r.claim, r.verdict, r.profile) for r in merged] == [
+        ("a", "x: mnli", "refuted", "quick"), ("a", "x: sst2", "reproduced", "standard"),
+        ("b", "y", "not run", "quick"), ("fedsa_lora", "m", "underpowered", "quick")]

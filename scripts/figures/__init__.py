@@ -1,6 +1,9 @@
 """Tables, figures and results/README.md from saved runs only (no training).
 
-    python -m scripts.figures [--profile quick|paper|smoke] [--results DIR]
+    python -m scripts.figures [--profile quick|standard|paper|smoke] [--results DIR]
+
+Without --profile, where several of paper / standard / quick are saved, results/README.md covers them all:
+each family's section from the first of them (that order) with runs, each claim from the first that ran it.
 
 Reads <results>/<family>/<profile>/<run>/{run.json, config.yaml, summary.json, metrics.jsonl, env.json,
 partitions.csv} and writes, per family, into <results>/<family>/<profile>/:
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from scripts.figures import style  # noqa: F401  (first: matplotlib's backend and reproducible PDF dates)
 from scripts.families import FAMILIES, PROFILES, detect_profile, expand, load_families, results_root
-from scripts.figures.claims import claims
+from scripts.figures.claims import claims, merge_claims
 from scripts.figures.families import RENDER, family_communication
 from scripts.figures.load import load_runs, provenance, setting_line, status_line
 from scripts.figures.readme import partition_heatmaps, tuning_table, write_readme
@@ -56,9 +59,14 @@ def measured_minutes(path):
             + (f"; {missing} run(s) without a measurement" if missing else ""))
 
 
-def build(root, profile, families=None):
+# Which profile decides a family where several are saved: the first here whose runs of it rendered anything.
+PRECEDENCE = ("paper", "standard", "quick")
+
+
+def render(root, profile, fam_docs):
+    """Every family's tables and figures of one profile under <root>/<family>/<profile>/: (sections, notes,
+    claims, heatmaps), what write_readme takes."""
     root = Path(root)
-    fam_docs = load_families(families) if families else load_families()
     ctx = Context(root, profile)
     sections, notes, all_runs = {}, {}, []
     for fam in [f for f in FAMILIES if f in fam_docs] + [f for f in fam_docs if f not in FAMILIES]:
@@ -97,9 +105,38 @@ def build(root, profile, families=None):
             status.append(minutes)
         sections[fam] = (setting_line(runs), status, provenance(runs), w.items)
     heat = partition_heatmaps(root, profile, all_runs)
-    write_readme(root, profile, sections, claims(ctx.results), heat, notes)
+    return sections, notes, claims(ctx.results), heat
+
+
+def build(root, profile, families=None):
+    """results/README.md of one profile."""
+    fam_docs = load_families(families) if families else load_families()
+    sections, notes, claim_rows, heat = render(root, profile, fam_docs)
+    write_readme(root, profile, sections, claim_rows, heat, notes)
     return sections
 
+
+def build_combined(root, profiles, families=None):
+    """results/README.md over several profiles (PRECEDENCE order): each family's section from the first
+    profile whose runs of it rendered anything (the other profiles' tables stay in <family>/<profile>/), each
+    claim's row from the first profile that ran it, every row naming its profile."""
+    root = Path(root)
+    fam_docs = load_families(families) if families else load_families()
+    rendered = {p: render(root, p, fam_docs) for p in profiles}
+    decides, sections, notes = {}, {}, {}
+    for fam in dict.fromkeys(f for p in profiles for f in rendered[p][0]):       # a view may render in one only
+        decides[fam] = next((p for p in profiles if rendered[p][0].get(fam, ("", [], [], []))[3]), profiles[-1])
+        decides[fam] = decides[fam] if fam in rendered[decides[fam]][0] else next(
+            p for p in profiles if fam in rendered[p][0])
+        setting, status, prov, items = rendered[decides[fam]][0][fam]
+        others = [p for p in profiles if p != decides[fam] and rendered[p][0].get(fam, ("", [], [], []))[3]]
+        status = list(status) + [f"the {p} profile's tables and figures: `{fam}/{p}/`" for p in others]
+        sections[fam] = (setting, status, prov, items)
+        notes[fam] = rendered[decides[fam]][1][fam]
+    rows = merge_claims({p: rendered[p][2].rows(p, root, families) for p in profiles}, profiles)
+    heat = sorted({h for p in profiles for h in rendered[p][3]})
+    write_readme(root, profiles, sections, rows, heat, notes, decides)
+    return sections
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,10 +147,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     root = results_root(args.results)
     profile = args.profile
-    if not profile:
-        present = available_profiles(root)
-        profile = present[0] if len(present) == 1 else detect_profile()
-    sections = build(root, profile, args.configs)
+    present = available_profiles(root)
+    several = [p for p in PRECEDENCE if p in present]
+    if not profile and len(several) > 1:        # e.g. standard and quick: one README, each claim where decided
+        sections = build_combined(root, several, args.configs)
+        profile = " + ".join(several)
+    else:
+        if not profile:
+            profile = present[0] if len(present) == 1 else detect_profile()
+        sections = build(root, profile, args.configs)
     print(f"figures: profile {profile}, {sum(len(s[3]) for s in sections.values())} tables/figures in "
           f"{len(sections)} families -> {root / 'README.md'}")
     return 0

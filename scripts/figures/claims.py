@@ -63,6 +63,7 @@ class ClaimRow:
     verdict: str
     differs: str            # our setting beside the paper's: backbone, clients, split, rounds
     family: str             # the family whose runs decide it
+    profile: str = ""       # the profile whose runs decided it (set where a README covers several profiles)
 
 
 class Claims:
@@ -79,6 +80,28 @@ class Claims:
 
 def claims(results):
     return Claims(results)
+
+
+CLAIM_IDS = "abcdefghijk"
+
+
+def merge_claims(rows_by_profile, profiles):
+    """One row per claim (id and claim text) over several profiles: the row of the first profile in
+    `profiles` whose verdict is not "not run", else the first profile's "not run" row; each row names its
+    profile. Rows keep the claims' order: (a) ... (k), then the methods family's in first appearance."""
+    merged, order = {}, []
+    for p in profiles:
+        for r in rows_by_profile.get(p, []):
+            key = (r.id, r.claim)
+            if key not in merged:
+                merged[key] = replace(r, profile=p)
+                order.append(key)
+            elif merged[key].verdict == "not run" and r.verdict != "not run":
+                merged[key] = replace(r, profile=p)
+    first = {k[0]: i for i, k in reversed(list(enumerate(order)))}
+    rank = {k: (CLAIM_IDS.index(k[0]) if k[0] in CLAIM_IDS else len(CLAIM_IDS) + first[k[0]], i)
+            for i, k in enumerate(order)}
+    return [merged[k] for k in sorted(order, key=rank.get)]
 
 
 # ----------------------------------------------------------------------------- numbers and their text
