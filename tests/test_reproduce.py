@@ -68,6 +68,11 @@ def test_smoke_reproduce_writes_runs_tables_figures_readme(smoke_results):
                  "SMOKE PROFILE", f"run `{FAILING}`: failed", "How this differs from the papers"):
         assert text in readme, text
     assert "ε=6" in (root / "ffa_table" / "smoke" / "tables" / "accuracy.md").read_text()
+    # heterogeneity's smoke runs score a 20-row curve subset before the last round, and both at it
+    rows = [json.loads(line) for line in (root / "heterogeneity" / "smoke" / "sst2-iid-fedavg_lora" /
+                                          "metrics.jsonl").read_text().splitlines()]
+    assert {r["round"] for r in rows if "acc_validation" in r} == {2}
+    assert all("acc_validation_curve" in r for r in rows)
 
 
 def test_tuning_pass_chooses_on_dev_and_the_run_uses_the_choice(smoke_results):
