@@ -98,3 +98,15 @@ def test_table_csv_names_its_runs_commits_and_per_seed_values():
     a = agg(df, ["method"]).set_index("method")
     assert sources(a.loc["a"]) == dict(ci=a.loc["a", "ci"], per_seed="0:0.7;1:0.74", runs="r-a", commits="abc")
     assert a.loc["b", "commits"] == "def"
+
+
+def test_last_point_is_each_federations_accuracy_at_its_last_evaluated_round():
+    """The target of bytes-to-target and of SLoRA's rounds-to-LoRA is read from the curve's last point, so under
+    curve_eval_subsample it is on the same rows as the curve that must cross it (not the whole split's final)."""
+    from scripts.figures.load import last_point
+    cv = pd.DataFrame(dict(run=["r"] * 4 + ["s"] * 2, federation=[0, 0, 1, 1, 0, 0], round=[2, 4, 4, 2, 1, 3],
+                           acc=[0.3, 0.5, 0.6, 0.4, 0.1, 0.2]))
+    last = last_point(cv)
+    assert list(zip(last["run"], last["federation"], last["round"], last["acc"])) == [
+        ("r", 0, 4, 0.5), ("r", 1, 4, 0.6), ("s", 0, 3, 0.2)]
+    assert last_point(cv.iloc[:0]).empty

@@ -30,8 +30,8 @@ from scripts.families import PROFILES, expand, load_families, required
 from scripts.figures import papers
 from scripts.figures.families.heterogeneity import PEFT_METHOD
 from scripts.figures.families.sweeps import tuned_per_alpha
-from scripts.figures.load import (CLIP_ONLY_LABEL, MB, agg, ci_half, curve_frame, federation_frame, load_runs,
-                                  num_labels, per_seed, privacy_label)
+from scripts.figures.load import (CLIP_ONLY_LABEL, MB, agg, ci_half, curve_frame, federation_frame, last_point,
+                                  load_runs, num_labels, per_seed, privacy_label)
 from scripts.figures.style import COMPARABLE_TOL, learned, partition_key, partition_name, tol
 from scripts.verdicts import paired_verdict
 
@@ -751,7 +751,9 @@ class _Rows:
         if cv.empty:
             return "; rounds to FedAvg-LoRA's final accuracy: no per-round accuracy in metrics.jsonl"
         cv["label"] = [label.get(r) or m for r, m in zip(cv["run"], cv["method"])]
-        finals = self.het_arm(task, PEFT_METHOD, part)
+        # FedAvg-LoRA's final accuracy on the rows its curve scores (a fixed subset under curve_eval_subsample)
+        last = last_point(cv[cv.label == PEFT_METHOD])
+        finals = dict(zip(last["seed"].astype(int), last["acc"])) or self.het_arm(task, PEFT_METHOD, part)
         parts = []
         for seed in sorted(finals):
             target = finals[seed]

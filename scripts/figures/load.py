@@ -153,6 +153,16 @@ def curve_frame(runs):
     return pd.DataFrame(rows)
 
 
+def last_point(curves):
+    """Each (run, federation)'s accuracy at its last evaluated round in a curve_frame: the final accuracy on the
+    rows its curve scores (a fixed subset under curve_eval_subsample), so a target taken from it is crossed
+    on the same rows as the curves it is read from."""
+    if curves.empty:
+        return curves
+    last = curves.sort_values("round").groupby(["run", "federation"], sort=True).tail(1)
+    return last.sort_values(["run", "federation"]).reset_index(drop=True)
+
+
 def ci_half(std, n, level=LEVEL):
     """Half-width of the two-sided t-interval (level, 95%) of a mean of n values with sample std `std`;
     nan for a single value (no interval)."""
