@@ -26,7 +26,9 @@ DEFAULTS = {
     "dev_fraction": 0.0,         # hold out this share of the training rows as split "dev" (tuning), never trained on; the run is then scored on dev only
     "personal_eval_fraction": 0.0,  # hold out this share of each client's rows to score its own model (personalized accuracy)
     "eval_subsample": 1000,
-    "curve_eval_subsample": None,  # evaluations before the last score only this many rows of each split (a keyed random subset; the last round scores them too, beside the whole split); None = every evaluation scores the whole split
+    # evaluations before the last score only this many rows of each split (a keyed random subset, metrics
+    # acc_<split>_curve; the last round scores it too, beside the whole split); None: every one the whole split
+    "curve_eval_subsample": None,
     "eval_splits": None,         # evaluation splits by metric name (mnli: [matched]); None = all of the task's
     "strip_metadata": False,     # 20 Newsgroups: drop headers/footers/quotes like scikit-learn
     "model": "all-MiniLM-L6-v2",
@@ -81,7 +83,8 @@ ADDED_KEYS = {"curve_eval_subsample": None}
 # as "all-linear".
 TYPES = {
     "task": "str", "data_dir": "str?", "max_length": "int", "padding": "str", "train_subsample": "int?",
-    "eval_subsample": "int?", "curve_eval_subsample": "int?", "eval_splits": "strs?", "dev_fraction": "float", "personal_eval_fraction": "float", "strip_metadata": "bool", "model": "str", "num_hidden_layers": "int?", "pooling": "str",
+    "eval_subsample": "int?", "eval_splits": "strs?", "dev_fraction": "float", "personal_eval_fraction": "float", "strip_metadata": "bool", "model": "str", "num_hidden_layers": "int?", "pooling": "str",
+    "curve_eval_subsample": "int?",
     "num_clients": "int", "client_fraction": "float", "rounds": "int", "local_steps": "int",
     "batch_size": "int", "eval_every": "int", "eval_batch_size": "int",
     "lora.rank": "int", "lora.alpha": "float", "lora.targets": "targets",

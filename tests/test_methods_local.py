@@ -67,9 +67,11 @@ def test_local_majority_predicts_each_clients_own_most_frequent_label():
     # client 0 trains on 0,0,1 (majority 0) and holds out rows 6 (0) and 7 (1); client 1 trains on 1,1,2
     # (majority 1) and holds out 8, 9 (2, 2); client 2 trains on 2 and 5, a tie 1-vs-2 broken to the smaller id,
     # and holds out nothing
-    fed = Federation(seed=0, lr=0.1, lora_alpha=8.0, partitions=[np.array([0, 1, 2]), np.array([3, 4, 5]), np.array([2, 5])],
+    fed = Federation(seed=0, lr=0.1, lora_alpha=8.0,
+                     partitions=[np.array([0, 1, 2]), np.array([3, 4, 5]), np.array([2, 5])],
                      personal_eval=[np.array([6, 7]), np.array([8, 9]), np.array([], dtype=int)])
     overall, each = personal_majority_accuracy(labels, [fed, fed])
     assert each == [[0.5, 0.0, None]] * 2 and overall == [0.25, 0.25]
-    none = Federation(seed=0, lr=0.1, lora_alpha=8.0, partitions=[np.array([0, 1])], personal_eval=[np.array([], dtype=int)])
+    none = Federation(seed=0, lr=0.1, lora_alpha=8.0, partitions=[np.array([0, 1])],
+                      personal_eval=[np.array([], dtype=int)])
     assert personal_majority_accuracy(labels, [none]) is None

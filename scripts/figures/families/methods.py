@@ -13,7 +13,8 @@ from scripts.figures.style import INTERVAL, fmt_pct, learned, tol
 BASELINE = "fedavg_lora"
 # display names of the family's method labels (configs/methods.yaml), in table order
 LABEL = {"fedavg_lora": "FedAvg-LoRA", "ffa_lora": "FFA-LoRA", "fedsa_lora": "FedSA-LoRA", "fedprox": "FedProx",
-         "local_lora": "local-only LoRA (no federation)", "scaffold": "SCAFFOLD", "fedex_lora": "FedEx-LoRA", "flora": "FLoRA", "hetlora": "HetLoRA",
+         "local_lora": "local-only LoRA (no federation)", "scaffold": "SCAFFOLD", "fedex_lora": "FedEx-LoRA",
+         "flora": "FLoRA", "hetlora": "HetLoRA",
          "fedavgm": "FedAvg-LoRA + FedAvgM", "fedadam": "FedAvg-LoRA + FedAdam",
          "dp_sample_eps3": "FedAvg-LoRA, DP-SGD (sample) ε=3", "dp_client_eps3": "FedAvg-LoRA, DP-FedAvg (client) ε=3"}
 
