@@ -27,7 +27,8 @@ DEFAULTS = {
     "personal_eval_fraction": 0.0,  # hold out this share of each client's rows to score its own model (personalized accuracy)
     "eval_subsample": 1000,
     # evaluations before the last score only this many rows of each split (a keyed random subset, metrics
-    # acc_<split>_curve; the last round scores it too, beside the whole split); None: every one the whole split
+    # acc_<split>_curve; the last round scores it too, beside the whole split, and is the only one to score
+    # personalized accuracy); None: every evaluation scores the whole split
     "curve_eval_subsample": None,
     "eval_splits": None,         # evaluation splits by metric name (mnli: [matched]); None = all of the task's
     "strip_metadata": False,     # 20 Newsgroups: drop headers/footers/quotes like scikit-learn

@@ -253,7 +253,8 @@ def run(cfg, out_dir, progress=True, retry_failed=False):
         evaluated = (t + 1) % cfg["eval_every"] == 0 or t + 1 == rounds
         # before the last round only the curve subsets (when the config has them); the last round scores all
         acc = engine.evaluate(None if t + 1 == rounds else exp.curve_splits) if evaluated else {}
-        personal = engine.evaluate_personal() if evaluated else None    # None without held-out client rows
+        # None without held-out client rows; with curve subsets, a final-only number (the curves are global)
+        personal = engine.evaluate_personal() if evaluated and (t + 1 == rounds or not exp.curve_splits) else None
         if personal:
             acc["personal"] = personal[0]
         wall += time.perf_counter() - t0

@@ -204,7 +204,7 @@ def test_eval_splits_chooses_what_is_evaluated():
 
 def test_curve_eval_subsample_scores_a_fixed_subset_before_the_last_round_and_the_whole_split_at_it(tmp_path):
     """Evaluations before the last score only the curve subset (acc_<split>_curve); the last scores the whole
-    split and the subset. Training is untouched: the final accuracies equal the run without the key, and a
+    split and the subset (and, alone, personalized accuracy). Training is untouched: the final accuracies equal the run without the key, and a
     subset as large as the split scores exactly what the whole split does, at every round."""
     base = dict(SMOKE, eval_every=1)
     plain = run(load_config(overrides=base), tmp_path / "plain", progress=False)
@@ -221,6 +221,11 @@ def test_curve_eval_subsample_scores_a_fixed_subset_before_the_last_round_and_th
         assert p["final"]["validation"] == c["final"]["validation"] and "validation_curve" in c["final"]
     assert {f["final"]["validation"] for f in whole["federations"]} == \
         {f["final"]["validation_curve"] for f in whole["federations"]}
+    # personalized accuracy (each client's own model) is a final-only number there: the curves are the global model's
+    run(load_config(overrides=dict(base, curve_eval_subsample=20, personal_eval_fraction=0.2)), tmp_path / "pers",
+        progress=False)
+    assert [("acc_personal" in r) for r in _metrics(tmp_path / "pers")] == \
+        [r["round"] == SMOKE["rounds"] for r in _metrics(tmp_path / "pers")]
 
 
 def test_a_key_added_since_a_run_was_written_resumes_it_at_its_default():
