@@ -33,6 +33,13 @@ from methods.server_optimizers import make_server_optimizer
 DIVERGED_LOSS_FACTOR = 100.0
 
 
+def diverged_loss(stacked):
+    """The training loss above which a federation has diverged: DIVERGED_LOSS_FACTOR x ln(labels), the loss of
+    uniform guessing over the model's labels (its config's num_labels: a two-layer head's first layer is as wide
+    as the hidden size, not the label count)."""
+    return DIVERGED_LOSS_FACTOR * math.log(max(stacked.num_labels, 2))
+
+
 @dataclass
 class Federation:
     """One independent federation sharing the pass; variants keep tensor shapes."""
@@ -237,8 +244,7 @@ class FederatedEngine:
         finite = torch.ones(F_, dtype=torch.bool, device=self.device)
         for v in self.global_state.values():
             finite &= torch.isfinite(v.reshape(F_, -1)).all(1)
-        labels = next(iter(self.stacked.heads.values())).weight.shape[1]
-        exploded = DIVERGED_LOSS_FACTOR * math.log(max(labels, 2))
+        exploded = diverged_loss(self.stacked)
         for f, ok in enumerate(finite.tolist()):
             loss = float(per_fed_loss[f])
             if not math.isfinite(loss):

@@ -377,6 +377,12 @@ class StackedModel(nn.Module):
         # a pass computes only the real tokens of its rows where the backbone has a packed forward
         self.runs_packed_tokens = packed_tokens and supports_packed(model)
 
+    @property
+    def num_labels(self):
+        """The classifier's label count (the model config's; a head of two layers, as RoBERTa's and MPNet's
+        dense -> out_proj, is wider than that in its first)."""
+        return int(self.model.config.num_labels)
+
     def resize_rank(self, rank):
         """New LoRA rank for every layer (zero-filled; the caller loads the values). Scale is kept."""
         if rank < 1:

@@ -117,3 +117,19 @@ def test_bf16_attention_on_cpu_equals_sdpa_within_bf16_rounding():
     (ref * weights).sum().backward()
     for a, b in ((q16, q32), (k16, k32), (v16, v32)):
         torch.testing.assert_close(a.grad.float(), b.grad, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_the_label_count_is_the_models_not_the_first_head_layers_width(pooling):
+    """MPNet's [CLS] head is two layers (classifier.dense: hidden -> hidden, then out_proj: hidden -> labels). The
+    divergence rule (loss above 100 x the loss of uniform guessing, 100 ln(labels)) must read 3 labels, not the
+    dense layer's 64 outputs."""
+    import math
+
+    from fedsim.engine import DIVERGED_LOSS_FACTOR, diverged_loss
+    from fedsim.stacked import StackedModel
+    stacked = StackedModel(tiny_mpnet(pooling), num_replicas=2, rank=2, targets=["q", "v"])
+    widths = [h.weight.shape[1] for h in stacked.heads.values()]
+    assert widths == ([3] if pooling == "mean" else [64, 3])          # the first head layer is hidden-wide
+    assert stacked.num_labels == 3
+    assert diverged_loss(stacked) == pytest.approx(DIVERGED_LOSS_FACTOR * math.log(3))
