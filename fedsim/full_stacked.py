@@ -185,6 +185,11 @@ class FullStackedModel(nn.Module):
                       and model.config.model_type in PACKED_FULL_MODEL_TYPES and _replica_modules(model, self.rows))
 
     @property
+    def num_labels(self):
+        """The classifier's label count (the model config's), as StackedModel.num_labels."""
+        return int(self.model.config.num_labels)
+
+    @property
     def runs_packed_tokens(self):
         """Packed for summed gradients and evaluation; per-sample gradients (DP) take the vmap pass."""
         buf = self.state.buffer
