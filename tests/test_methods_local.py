@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.engine import Federation, build_engine
+from fedsim.engine import Federation
 from fedsim.evaluation import personal_majority_accuracy
 from methods import make_method
 from partitions import dirichlet_label_skew
+from tests.helpers import make_engine
 
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["query", "value"]}
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.0}
@@ -16,9 +17,8 @@ NUM_CLIENTS, FRACTION, SEED = 3, 2 / 3, 5
 
 def engine(make_model, data, name):
     parts = dirichlet_label_skew(data["labels"].numpy(), NUM_CLIENTS, alpha=1.0, seed=SEED)
-    feds = [Federation(seed=SEED, lr=SGD["lr"], lora_alpha=LORA["alpha"], partitions=parts)]
-    return build_engine(make_method({"name": name}, LORA), make_model(), data, feds, local_steps=2, batch_size=4,
-                        client_fraction=FRACTION, optimizer=SGD)
+    return make_engine(make_model, data, [parts], seeds=[SEED], optimizer=SGD, targets=LORA["targets"],
+                       fraction=FRACTION, K=2, b=4, rank=LORA["rank"], alpha=LORA["alpha"], method=name)
 
 
 def test_local_lora_keeps_everything_on_the_client_and_sends_nothing(make_model, sst2_small, monkeypatch):

@@ -204,8 +204,9 @@ def test_eval_splits_chooses_what_is_evaluated():
 
 def test_curve_eval_subsample_scores_a_fixed_subset_before_the_last_round_and_the_whole_split_at_it(tmp_path):
     """Evaluations before the last score only the curve subset (acc_<split>_curve); the last scores the whole
-    split and the subset (and, alone, personalized accuracy). Training is untouched: the final accuracies equal the run without the key, and a
-    subset as large as the split scores exactly what the whole split does, at every round."""
+    split and the subset (and, alone, personalized accuracy). Training is untouched: the final accuracies
+    equal the run without the key, and a subset as large as the split scores exactly what the whole split
+    does, at every round."""
     base = dict(SMOKE, eval_every=1)
     plain = run(load_config(overrides=base), tmp_path / "plain", progress=False)
     curve = run(load_config(overrides=dict(base, curve_eval_subsample=20)), tmp_path / "curve", progress=False)

@@ -125,11 +125,11 @@ def build_combined(root, profiles, families=None):
     rendered = {p: render(root, p, fam_docs) for p in profiles}
     decides, sections, notes = {}, {}, {}
     for fam in dict.fromkeys(f for p in profiles for f in rendered[p][0]):       # a view may render in one only
-        decides[fam] = next((p for p in profiles if rendered[p][0].get(fam, ("", [], [], []))[3]), profiles[-1])
-        decides[fam] = decides[fam] if fam in rendered[decides[fam]][0] else next(
-            p for p in profiles if fam in rendered[p][0])
+        have = [p for p in profiles if fam in rendered[p][0]]                   # profiles with a section
+        shown = [p for p in have if rendered[p][0][fam][3]]                      # ... that rendered anything
+        decides[fam] = shown[0] if shown else have[-1]
         setting, status, prov, items = rendered[decides[fam]][0][fam]
-        others = [p for p in profiles if p != decides[fam] and rendered[p][0].get(fam, ("", [], [], []))[3]]
+        others = [p for p in shown if p != decides[fam]]
         status = list(status) + [f"the {p} profile's tables and figures: `{fam}/{p}/`" for p in others]
         sections[fam] = (setting, status, prov, items)
         notes[fam] = rendered[decides[fam]][1][fam]
