@@ -47,7 +47,7 @@ DEFAULTS = {
     "lora": {"rank": 8, "alpha": 16.0, "targets": ["query", "value"]},
     "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0,
                   "betas": [0.9, 0.999], "eps": 1e-8},
-    "server": {"optimizer": "fedavg",   # fedavg | fedavgm | fedadagrad | fedadam | fedyogi (methods/server_optimizers)
+    "server": {"optimizer": "fedavg",   # fedavg | fedavgm | fedadagrad | fedadam | fedyogi (server_optimizers.py)
                "lr": 1.0,               # server learning rate on the aggregate's update (1 with fedavg: plain FedAvg)
                "momentum": 0.9,         # FedAvgM's beta; FedAdagrad/FedAdam/FedYogi's beta1
                "beta2": 0.99, "tau": 1e-3},
@@ -287,8 +287,9 @@ def _open_section_numbers(section):
 def validate(cfg):
     """Give every key its declared type and reject bad values (sweep values included), in place.
 
-    Raises one ValueError naming the key and the fix, before any data or model is touched. The method's
-    and the partition's own checks run here too (unknown or bad parameters fail now, not mid-run)."""
+    Raises one ValueError naming the key and the fix, before any data or model is touched. The partition's
+    own checks run here too (unknown or bad parameters fail now, not mid-run); the method's are
+    methods.method_for's (the core never imports methods/: it checks a built method with check_method)."""
     for dotted, kind in TYPES.items():
         section, _, key = dotted.rpartition(".")
         node = cfg[section] if section else cfg
@@ -383,7 +384,7 @@ def _check_values(cfg):
                                                     f"auto uses the backbone's own convention")
     need(cfg["padding"] in ("longest", "max_length"), f"padding must be 'longest' or 'max_length' (got {cfg['padding']})")
     server = cfg["server"]
-    from methods.server_optimizers import validate_server                # the server optimizer's own checks
+    from fedsim.server_optimizers import validate_server                # the server optimizer's own checks
     validate_server(**{k: v for k, v in server.items() if k != "optimizer"}, name=server["optimizer"])
     dp = cfg["dp"]
     need(dp["head_share"] is None or 0 < dp["head_share"] < 1, f"dp.head_share must be in (0, 1) or null for joint "
@@ -392,12 +393,6 @@ def _check_values(cfg):
     if dp["epsilon"] is not None:
         from fedsim.dp import validate_dp
         validate_dp(dp["epsilon"], dp["delta"], dp["max_grad_norm"], dp["accountant"])
-    from methods import make_method                                  # the method's own parameter checks
-    method = make_method(cfg["method"], cfg["lora"])
-    plain_server = server["optimizer"] == "fedavg" and server["lr"] == 1 and "server.lr" not in cfg["sweep"]
-    need(plain_server or method.server_optimizer_unsupported is None,
-         f"a server optimizer ({server['optimizer']}, lr {server['lr']}) does not apply to method {method.name}: "
-         f"{method.server_optimizer_unsupported}; use server.optimizer=fedavg with server.lr=1")
     need(dp["unit"] in ("sample", "client"), f"dp.unit must be sample (DP-SGD: epsilon protects one training "
                                               f"sample) or client (DP-FedAvg: one client's data), got {dp['unit']!r}")
     if dp["unit"] == "client":
@@ -414,8 +409,21 @@ def _check_values(cfg):
             need(clients_per_round(cfg["num_clients"], cfg["client_fraction"]) < cfg["num_clients"],
                  f"client-level DP with client_fraction {cfg['client_fraction']} samples every client each round (q = 1, "
                  f"no amplification): set client_fraction below 1 (q = clients per round / clients) or dp.unit=sample")
-            need(method.client_dp_unsupported is None, f"client-level DP cannot protect method {method.name}: "
-                                                       f"{method.client_dp_unsupported}; use dp.unit=sample")
     import partitions
     params = {k: v for k, v in cfg["partition"].items() if k != "name"}
     partitions.validate(cfg["partition"]["name"], cfg["num_clients"], cfg["seeds"][0], **params)
+
+
+def check_method(cfg, method):
+    """What a validated config asks of its method (a fedsim.interface.Method, built from cfg["method"] and
+    cfg["lora"]) that the method cannot do: a server optimizer, client-level DP. One ValueError naming the fix."""
+    server, dp = cfg["server"], cfg["dp"]
+    plain_server = server["optimizer"] == "fedavg" and server["lr"] == 1 and "server.lr" not in cfg["sweep"]
+    if not plain_server and method.server_optimizer_unsupported is not None:
+        raise ValueError(f"a server optimizer ({server['optimizer']}, lr {server['lr']}) does not apply to method "
+                         f"{method.name}: {method.server_optimizer_unsupported}; use server.optimizer=fedavg with "
+                         f"server.lr=1")
+    private = dp["epsilon"] is not None or "dp.epsilon" in cfg["sweep"]
+    if dp["unit"] == "client" and private and method.client_dp_unsupported is not None:
+        raise ValueError(f"client-level DP cannot protect method {method.name}: {method.client_dp_unsupported}; "
+                         f"use dp.unit=sample")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fedsim.containers import build_container
 from fedsim.dp import adapt_clip, add_update_noise, clip_and_noise, clip_updates, update_noise_multiplier
 from fedsim.grads import GradBuffer
 from fedsim.ledger import Ledger
@@ -24,7 +25,7 @@ from fedsim.packed import MAX_LENGTH_GROUPS, length_groups, pack
 from fedsim.evaluation import global_accuracy, personal_accuracy
 from fedsim.plan import index_rows, plan_round
 from fedsim.sampling import clients_per_round
-from methods.server_optimizers import make_server_optimizer
+from fedsim.server_optimizers import make_server_optimizer
 
 
 # A federation whose mean training loss exceeds this many times the loss of guessing uniformly (ln of the
@@ -69,12 +70,12 @@ def _trim(inputs):
 
 
 def build_engine(method, model, train, federations, *, client_fraction, device="cpu", packed_tokens=True, **kw):
-    """The one way to put an engine together: the method's replica container (method.build_stacked) for the
+    """The one way to put an engine together: the method's replica container (method.container()) for the
     federations' replicas, R = len(federations) x clients per round, on `device`, then the engine.
     packed_tokens=False: the padded forward even where a packed one exists (tests compare the two);
     kw: FederatedEngine's keyword arguments."""
     replicas = len(federations) * clients_per_round(len(federations[0].partitions), client_fraction)
-    stacked = method.build_stacked(model, replicas, packed_tokens=packed_tokens).to(device)
+    stacked = build_container(method, model, replicas, packed_tokens=packed_tokens).to(device)
     return FederatedEngine(stacked, method, train, federations, client_fraction=client_fraction, device=device, **kw)
 
 
@@ -108,11 +109,11 @@ class FederatedEngine:
         for layer in stacked.lora.values():
             layer.scale.copy_(rep([f.lora_alpha / stacked.rank for f in federations]))
         self._apply(method.init_global(self.layout(), [f.seed for f in federations]))   # may add tensors
-        # client-local tensors (methods.base.Method.client_local): {name: [F, num_clients, *shape]}, by client id
+        # client-local tensors (fedsim.interface.Method.client_local): {name: [F, num_clients, *shape]}, by client id
         self.client_state = {}
         self.head_names = [f"{h}.{p}" for h in stacked.heads for p in ("weight", "bias")]   # per-group clipping
         self.ledger = Ledger(len(federations))
-        # the server's step on each round's aggregate (methods/server_optimizers.py); server: the config's
+        # the server's step on each round's aggregate (fedsim/server_optimizers.py); server: the config's
         # server section (optimizer name and its betas, tau), None = FedAvg
         # client-level DP (fedsim.dp.ClientDPSetup; dp is then None: clients train without per-sample noise):
         # each federation's current update clip C [F] and the update's noise multiplier [F]
@@ -181,7 +182,8 @@ class FederatedEngine:
 
     def plan_round(self, t):
         """The RoundPlan of round t (fedsim/plan.py; no compute)."""
-        return plan_round(t, self.federations, self.method, list(self.tensors), client_fraction=self.fraction,
+        shapes = {name: tuple(p.shape[1:]) for name, p in self.tensors.items()}
+        return plan_round(t, self.federations, self.method, shapes, client_fraction=self.fraction,
                           local_steps=self.local_steps, batch_size=self.batch_size, dp=self.dp, device=self.device,
                           dtype=self.dtype)
 
@@ -192,11 +194,8 @@ class FederatedEngine:
         for name, g in self.global_state.items():
             self.tensors[name].copy_(g.repeat_interleave(self.clients_per_round, 0))
         self._load_client_state(plan)
-        plan.client_masks = {}               # what each client holds of a tensor (HetLoRA: its rank's slots)
         for name, p in self.tensors.items():
-            keep = self.method.client_mask(name, tuple(p.shape[1:]), plan.client_ids)
-            if keep is not None:
-                plan.client_masks[name] = keep.to(self.device)
+            if name in plan.client_masks:        # slots a client does not hold start at zero (HetLoRA's rank)
                 p.mul_(plan.client_masks[name])
             p.requires_grad_(name in plan.trained)
 
@@ -223,11 +222,11 @@ class FederatedEngine:
             self.client_state[name][feds[healthy], clients[healthy]] = self.tensors[name].detach()[healthy]
 
     def layout(self):
-        """What the method may read of the container (methods.base.Layout)."""
+        """What the method may read of the container (fedsim.interface.Layout)."""
         return self.stacked.layout(len(self.federations))
 
     def _apply(self, change):
-        """Carry out a method's methods.base.Change: the container first (a new rank, scales or sparse deltas
+        """Carry out a method's fedsim.interface.Change: the container first (a new rank, scales or sparse deltas
         reshape its tensors), then the new global state."""
         self.stacked.apply(change, self.clients_per_round)
         self.global_state = {k: v.to(self.device, self.dtype) for k, v in change.global_state.items()}

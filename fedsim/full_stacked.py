@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fedsim.interface import Layout
 from fedsim.packed import packed_logits, supports_packed
 from fedsim.stacked import _StackedState, _set_module, head_module_names
 
@@ -205,15 +206,14 @@ class FullStackedModel(nn.Module):
         return dict(zip(self.names, self.stack))
 
     def layout(self, num_federations):
-        """What a method may read (methods.base.Layout): no adapters; every weight's replica-0 value."""
-        from methods.base import Layout
+        """What a method may read (fedsim.interface.Layout): no adapters; every weight's replica-0 value."""
         return Layout(adapters={}, heads={h: (tuple(v.weight.shape[1:]), tuple(v.bias.shape[1:]))
                                           for h, v in self.heads.items()},
                       tensors={n: t[0] for n, t in self.tensors().items()}, rank=None, scales=None,
                       initializer_range=getattr(self.model.config, "initializer_range", 0.02))
 
     def apply(self, change, clients_per_round):
-        """A methods.base.Change on whole weights: nothing beyond the global state to carry out."""
+        """A fedsim.interface.Change on whole weights: nothing beyond the global state to carry out."""
         if change.rank is not None or change.scales is not None or change.sparse:
             raise ValueError("full fine-tuning has no LoRA rank, scales or sparse deltas to change")
 

@@ -77,13 +77,13 @@ class Experiment:
         from fedsim.sampling import clients_per_round
         from fedsim.models import resolve_pooling
         from fedsim.tasks import get_task, load_split
-        from methods import make_method
+        from methods import method_for
         from partitions import dev_split, hold_out, make_partition
 
         self.cfg = cfg
         self.task = get_task(cfg["task"])
         self.pooling = resolve_pooling(cfg["model"], cfg["pooling"])   # "auto" -> the backbone's own
-        self.method = make_method(cfg["method"], cfg["lora"])          # unknown method/params: error now
+        self.method = method_for(cfg)                                   # unknown method/params: error now
         labels = load_split(self.task, self.task.train_split, data_dir=cfg["data_dir"],
                             subsample=cfg["train_subsample"], strip_metadata=cfg["strip_metadata"])["label"].to_numpy()
         self.train_rows, self.dev_rows = dev_split(len(labels), cfg["dev_fraction"])

@@ -20,6 +20,7 @@ import re
 import torch
 from torch import nn
 
+from fedsim.interface import Layout
 from fedsim.packed import TokenLayout, packed_logits, supports_packed
 
 
@@ -409,9 +410,8 @@ class StackedModel(nn.Module):
         return out
 
     def layout(self, num_federations):
-        """What a method may read (methods.base.Layout): shapes, the rank, each federation's LoRA scale (replica
+        """What a method may read (fedsim.interface.Layout): shapes, the rank, each federation's LoRA scale (replica
         f * clients_per_round starts federation f's block)."""
-        from methods.base import Layout
         scale = next(iter(self.lora.values())).scale if self.lora else None
         return Layout(adapters={n: tuple(layer.base.weight.shape) for n, layer in self.lora.items()},
                       heads={n: (tuple(h.weight.shape[1:]), tuple(h.bias.shape[1:])) for n, h in self.heads.items()},
@@ -420,7 +420,7 @@ class StackedModel(nn.Module):
                       initializer_range=getattr(self.model.config, "initializer_range", 0.02))
 
     def apply(self, change, clients_per_round):
-        """Carry out a method's methods.base.Change on the container: rank, scales, sparse deltas."""
+        """Carry out a method's fedsim.interface.Change on the container: rank, scales, sparse deltas."""
         if change.rank is not None and change.rank != self.rank:
             self.resize_rank(change.rank)
         if change.scales is not None:

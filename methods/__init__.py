@@ -1,5 +1,6 @@
-"""Federated methods. Each is a small object (methods/base.py); the registry maps config names to them."""
-from methods.base import LoRAParams, Method
+"""Federated methods. Each is a small object (fedsim/interface.py); the registry maps config names to them."""
+from fedsim.config import check_method
+from fedsim.interface import LoRAParams, Method
 from methods.fedavg_lora import FedAvgLoRA
 from methods.ffa_lora import FFALoRA
 from methods.sa_fedlora import SAFedLoRA
@@ -16,6 +17,14 @@ from methods.local_lora import LocalLoRA
 
 METHODS = {m.name: m for m in (FedAvgLoRA, FedAvgFFT, SLoRA, FFALoRA, SAFedLoRA, FedSALoRA, FedProx, Scaffold,
                                FedExLoRA, FLoRA, HetLoRA, HeadOnly, LocalLoRA)}
+
+
+def method_for(cfg) -> Method:
+    """The method a validated run config names, built (its own parameter checks) and checked against what the
+    config asks of it (fedsim.config.check_method: a server optimizer, client-level DP)."""
+    method = make_method(cfg["method"], cfg["lora"])
+    check_method(cfg, method)
+    return method
 
 
 def make_method(method_cfg: dict, lora_cfg: dict) -> Method:

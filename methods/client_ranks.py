@@ -1,6 +1,6 @@
 """Per-client LoRA ranks (HetLoRA, FLoRA): client i of a federation trains the first r_i <= r slots of the global
 adapters (rows of A [r, in], columns of B [out, r]); the engine zeroes the rest on receipt and in every gradient
-(methods.base.Method.client_mask).
+(fedsim.interface.Method.client_mask).
 
 r_i is drawn once, uniformly from `choices`, keyed by the federation's seed and the client id (never by the
 federation's position in a pass). A method may lower it later (HetLoRA's self-pruning): `lower` records the new

@@ -6,16 +6,16 @@ starts from the same seeded init as the LoRA methods so that runs differ only in
 Runs through the same engine on a FullStackedModel (every parameter stacked per replica); the LoRA
 config (rank, alpha, targets) is ignored. Payload: every parameter, both ways.
 """
-from fedsim.full_stacked import FullStackedModel
-from methods.base import Change, Method, init_head
+from fedsim.interface import Change, ContainerSpec, Method
+from methods.initializers import init_head
 
 
 class FedAvgFFT(Method):
     name = "fedavg_fft"
     Params = None
 
-    def build_stacked(self, model, num_replicas, packed_tokens=True):
-        return FullStackedModel(model, num_replicas, packed_tokens=packed_tokens)
+    def container(self):
+        return ContainerSpec("full")
 
     def init_global(self, layout, seeds):
         F = len(seeds)                      # the pretrained backbone, and a head from each federation's seed

@@ -6,7 +6,8 @@ weighted by client sample counts. A starts from peft's default (Kaiming-uniform)
 import torch
 
 from fedsim.rng import torch_generator
-from methods.base import Change, Method, init_head, kaiming_uniform_A
+from fedsim.interface import Change, Method
+from methods.initializers import init_head, kaiming_uniform_A
 
 
 class FedAvgLoRA(Method):

@@ -21,8 +21,7 @@ Interpretations:
 """
 import torch
 
-from fedsim.stacked import StackedModel
-from methods.base import Change
+from fedsim.interface import Change, ContainerSpec
 from methods.fedavg_lora import FedAvgLoRA
 
 
@@ -32,9 +31,8 @@ class FedExLoRA(FedAvgLoRA):
     server_optimizer_unsupported = "the residual folded into the frozen weight is exact only for the plain averages"
     client_dp_unsupported = "the residual is built from each client's own B_i A_i, not from clipped, noised averages"
 
-    def build_stacked(self, model, num_replicas, packed_tokens=True):
-        return StackedModel(model, num_replicas, self.lora.rank, self.lora.targets, packed_tokens=packed_tokens,
-                            folded=True)
+    def container(self):
+        return ContainerSpec("lora", folded=True)
 
     def trained(self, name, round_idx):
         return not name.endswith(".folded") and super().trained(name, round_idx)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from fedsim.rng import torch_generator
-from methods.base import kaiming_uniform_A
+from methods.initializers import kaiming_uniform_A
 from methods.client_ranks import ClientRanks, check_rank_choices, is_factor
 from methods.fedex_lora import FedExLoRA
 

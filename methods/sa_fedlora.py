@@ -57,8 +57,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedsim.stacked import StackedModel
-from methods.base import Change
+from fedsim.interface import Change, ContainerSpec
 from methods.fedavg_lora import FedAvgLoRA
 
 SCHEDULES = ("linear", "cosine", "exponential", "cubic")
@@ -134,11 +133,10 @@ class SAFedLoRA(FedAvgLoRA):
         return self.params.init_stage == "full"
 
     # --- what is trained --------------------------------------------------------------------------
-    def build_stacked(self, model, num_replicas, packed_tokens=True):
+    def container(self):
         if not self.full:
-            return super().build_stacked(model, num_replicas, packed_tokens)
-        return StackedModel(model, num_replicas, self.lora.rank, self.lora.targets, packed_tokens=packed_tokens,
-                            folded=True, train_folded=True)       # the trained dense delta dW [R, out, in]
+            return super().container()
+        return ContainerSpec("lora", folded=True, train_folded=True)     # the trained dense delta dW [R, out, in]
 
     def init_global(self, layout, seeds):
         change = super().init_global(layout, seeds)

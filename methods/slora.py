@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from fedsim.rng import torch_generator
-from methods.base import Change, Method, init_head
+from fedsim.interface import Change, Method
+from methods.initializers import init_head
 
 
 @dataclass

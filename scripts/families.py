@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from fedsim import config as C
+from methods import method_for
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs"
@@ -102,7 +103,9 @@ def build_config(*layers):
     cfg = copy.deepcopy(C.DEFAULTS)
     for layer in layers:
         C._merge(cfg, copy.deepcopy(layer))
-    return C.validate(cfg)
+    cfg = C.validate(cfg)
+    method_for(cfg)                                                 # the method's own checks, as a run makes them
+    return cfg
 
 
 def _matches(labels, rule):

@@ -39,7 +39,7 @@ METHODS = {
     "fedavg_lora+fedadagrad": ({"name": "fedavg_lora"}, 2e-3, {"server": {"optimizer": "fedadagrad", "lr": 0.01}}),
 }
 # privacy: (label, dp overrides); client-level DP runs only where clients are sampled (q < 1) and the method's
-# uploads can be protected by it (methods.base.Method.client_dp_unsupported)
+# uploads can be protected by it (fedsim.interface.Method.client_dp_unsupported)
 PRIVACY = [("none", {}), ("sample eps=3", {"epsilon": 3.0, "unit": "sample"}),
            ("client eps=3", {"epsilon": 3.0, "unit": "client"})]
 TASKS = {

@@ -13,8 +13,9 @@ from fedsim.engine import DPSetup
 from fedsim.grads import GradBuffer
 from fedsim.rng import torch_generator
 from fedsim.stacked import StackedLoRALinear, _StackedState
+from fedsim.containers import build_container
 from methods import make_method
-from methods.base import kaiming_uniform_A
+from methods.initializers import kaiming_uniform_A
 from partitions import dirichlet_label_skew
 from tests.helpers import make_engine, rel_err
 
@@ -246,7 +247,7 @@ def test_trained_dense_delta_gradients_equal_dense_loop(per_sample):
 def test_default_init_stage_is_lora_without_dense_deltas(make_model):
     for params in ({}, {"init_stage": "lora"}):
         m = make_method({"name": "sa_fedlora", **params}, LORA)
-        stacked = m.build_stacked(make_model(), 2)
+        stacked = build_container(m, make_model(), 2)
         assert all(layer.folded is None for layer in stacked.lora.values())
         state = m.init_global(stacked.layout(1), [0]).global_state
         assert not any(k.endswith(".folded") for k in state)

@@ -9,6 +9,7 @@ from fedsim.full_stacked import FullStackedModel
 from fedsim.reference import ReferenceConfig, per_sample_grads, run_reference
 from fedsim.grads import GradBuffer
 from fedsim.stacked import StackedLoRALinear, _StackedState
+from fedsim.containers import build_container
 from methods import make_method
 from partitions import dirichlet_label_skew
 
@@ -44,7 +45,7 @@ def nbytes(ts):
 
 def test_slora_mask_is_shared_seeded_and_of_target_density(make_model):
     a = slora(density=0.01)
-    stacked = a.build_stacked(make_model(), 4)
+    stacked = build_container(a, make_model(), 4)
     stacked.apply(a.init_global(stacked.layout(2), seeds=[0, 3]), clients_per_round=2)
     for name, layer in stacked.lora.items():
         out, n_in = layer.base.weight.shape
@@ -54,7 +55,7 @@ def test_slora_mask_is_shared_seeded_and_of_target_density(make_model):
         assert layer.sparse.shape == (4, len(rows))                                 # one value row per replica
         # the server regenerates it from mask_seed alone: another method instance, other federation seeds
         other = slora(density=0.01)
-        s2 = other.build_stacked(make_model(), 1)
+        s2 = build_container(other, make_model(), 1)
         s2.apply(other.init_global(s2.layout(1), seeds=[7]), clients_per_round=1)
         assert torch.equal(s2.lora[name].sparse_rows, rows) and torch.equal(s2.lora[name].sparse_cols, cols)
     assert list(stacked.tensors())[:3] == [f"{n}.{k}" for n in [next(iter(stacked.lora))]

@@ -1,20 +1,33 @@
-"""The method interface (Flower-strategy style): a method says only what differs.
+"""The interface the engine owns and methods implement (Flower's Strategy, owned by the framework).
 
-The engine calls these hooks and never branches on a method's name. Global state is a dict
-canonical-name -> tensor [F, *shape] (one row per federation); client states handed to `aggregate`
-are [F, m, *shape] (m sampled clients per federation) with weights [F, m] summing to 1 per row.
+The engine calls a `Method`'s hooks and never branches on a method's name; methods import this module,
+never the reverse (tests/test_layering.py). Global state is a dict canonical-name -> tensor [F, *shape]
+(one row per federation); client states handed to `aggregate` are [F, m, *shape] (m sampled clients per
+federation) with weights [F, m] summing to 1 per row.
 
-A method never touches the replica container: it reads a `Layout` (shapes, rank, each federation's LoRA
+A method never touches the replica container: it names the container it needs (`Method.container`: a
+`ContainerSpec`, which fedsim.containers builds), reads a `Layout` (shapes, rank, each federation's LoRA
 scale) and its hooks return a `Change` (new global state, and a new rank, scales or sparse masks) that the
 engine applies. Per tensor and round it says three things: do the clients train it (`trained`: gradients,
 clipping and noise), send it to the server to aggregate (`shared`: the upload, and the download), and keep
 their own copy between rounds (`client_local`: the engine stores it per client id, never averages it).
 """
-import math
 import typing
 from dataclasses import dataclass, fields
 
 import torch
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """The replica container a method trains. kind "lora": the frozen backbone with stacked LoRA layers and
+    heads (fedsim.stacked.StackedModel); "full": every weight stacked per replica (fedsim.full_stacked).
+    folded: each LoRA layer also carries a dense delta dW [out, in] added to its frozen weight (FedEx-LoRA's
+    residual, FLoRA's stacked product); train_folded: clients train that delta (SA-FedLoRA's full initiating
+    stage)."""
+    kind: str = "lora"
+    folded: bool = False
+    train_folded: bool = False
 
 
 @dataclass
@@ -58,7 +71,7 @@ class Method:
     # Why client-level DP (fedsim.dp: clipped, noised average of the shared tensors' updates) would not protect
     # what this method's clients send, or None where it does.
     client_dp_unsupported = None
-    # Why a server optimizer (methods/server_optimizers.py: a step on the aggregate's update of each shared
+    # Why a server optimizer (fedsim/server_optimizers.py: a step on the aggregate's update of each shared
     # tensor) would not make sense for this method, or None where it does.
     server_optimizer_unsupported = None
 
@@ -92,11 +105,9 @@ class Method:
         return False
 
     # --- hooks with defaults ----------------------------------------------------------------------
-    def build_stacked(self, model, num_replicas, packed_tokens=True):
-        """The replica container the engine trains (default: stacked LoRA layers + head, frozen backbone).
-        packed_tokens=False: the padded forward even where the backbone has a packed one (tests compare them)."""
-        from fedsim.stacked import StackedModel
-        return StackedModel(model, num_replicas, self.lora.rank, self.lora.targets, packed_tokens=packed_tokens)
+    def container(self):
+        """The replica container the engine trains (default: stacked LoRA layers + head, frozen backbone)."""
+        return ContainerSpec("lora")
 
     def state_dict(self):
         """Server-side method state beyond the global tensors (schedules), for checkpoints."""
@@ -156,18 +167,3 @@ def _check_types(method, params_cls, given):
                              f"({type(value).__name__})")
 
 
-def kaiming_uniform_A(shape, generator):
-    """peft's default LoRA A init (nn.init.kaiming_uniform_ with a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in))."""
-    bound = 1.0 / math.sqrt(shape[-1])
-    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
-
-
-def init_head(layout, seeds):
-    """Fresh head per federation: weight ~ N(0, initializer_range) (transformers' BERT init), bias 0."""
-    from fedsim.rng import torch_generator
-    out = {}
-    for name, (weight, bias) in layout.heads.items():
-        out[name + ".weight"] = torch.stack([torch.randn(weight, generator=torch_generator(s, "head", name))
-                                             * layout.initializer_range for s in seeds])
-        out[name + ".bias"] = torch.zeros(len(seeds), *bias)
-    return out
